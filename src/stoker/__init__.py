@@ -1,0 +1,12 @@
+"""stoker: keeps your accelerator fed.
+
+Building blocks for PyTorch training loops you own. Importing stoker does nothing but import:
+no device is initialised, no environment variable or logging handler is touched.
+"""
+
+from stoker.errors import StokerError
+from stoker.runtime import Stoker
+
+__version__ = "0.1.0"
+
+__all__ = ["Stoker", "StokerError", "__version__"]

@@ -1,0 +1,719 @@
+"""The benchmark harness every script in ``benchmarks/`` uses.
+
+A benchmark is a few *candidates* (zero-argument callables doing the same work in different
+ways) compared against a named *baseline* in the same process. The harness:
+
+- runs warm-up rounds, then timed rounds, **interleaved**: round 0 runs A B C, round 1 runs
+  C B A, round 2 A B C, ... so slow drift (thermal, turbo, a neighbour on the VM) hits every
+  candidate alike;
+- times each sample with :func:`time.perf_counter` around ``number`` calls, synchronising
+  CUDA/MPS (when in use) before starting and before stopping the clock;
+- reports per-call median, min/max and p10/p90, throughput when a candidate reports its work
+  (tokens, samples, ...), and the ratio to the baseline: the median over rounds of
+  ``candidate time / baseline time in the same round`` (paired, hence robust to drift);
+- refuses a candidate that changes process-wide state the others would inherit (torch intra-op
+  threads, CPU autocast, grad mode);
+- prints a rich table per comparison and writes one JSON file per run (default directory
+  ``bench-results/``) holding every sample plus the environment: versions, CPU model and flags,
+  threads, hostname, git revision, timestamp.
+
+A benchmark script looks like this (every script in ``benchmarks/`` has the same CLI:
+``--quick``, ``--repeats``, ``--warmup``, ``--out``, ``--no-save``)::
+
+    import torch
+    from stoker.bench import Bench, Candidate, bench_parser
+
+    parser = bench_parser("Matrix product: bf16 against fp32.")
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args()
+    bench = Bench.from_args("matmul", args, meta={"size": args.size})
+
+    a = torch.randn(args.size, args.size)
+    b = a.bfloat16()
+    flops = 2 * args.size**3  # one n x n x n product, multiply + add
+    bench.compare(
+        "matmul",
+        [Candidate("fp32", lambda: a @ a, work=flops), Candidate("bf16", lambda: b @ b, work=flops)],
+        baseline="fp32",
+        unit="flop",
+        number=10,  # calls per timed sample: make a sample >= ~10 ms
+    )
+    bench.save()  # -> bench-results/matmul-20250101T120000Z.json
+
+A candidate whose work varies per call (ragged batches) returns it and says so:
+``Candidate("packed", step, returns_work=True)``; the returned value (number or 0-d tensor) is
+converted after the clock stops, so a device tensor costs no sync inside the timed region.
+
+Executed example (tests/test_bench.py runs it):
+
+    >>> import time
+    >>> from stoker.bench import Bench, BenchConfig, Candidate
+    >>> bench = Bench("doc", BenchConfig(warmup=1, repeats=3, out_dir=None), console=None)
+    >>> result = bench.compare(
+    ...     "sleep",
+    ...     [Candidate("short", lambda: time.sleep(0.001)), Candidate("long", lambda: time.sleep(0.004))],
+    ...     baseline="short",
+    ... )
+    >>> result["long"].ratio > 1.5
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from stoker.errors import StokerError
+
+__all__ = [
+    "Bench",
+    "BenchConfig",
+    "Candidate",
+    "CandidateResult",
+    "Comparison",
+    "Stats",
+    "bench_parser",
+    "environment",
+    "summarize",
+]
+
+DEFAULT_OUT_DIR = Path("bench-results")
+# (warmup rounds, timed rounds) for a normal run and for --quick (a smoke test, not a claim).
+_DEFAULT_ROUNDS = (3, 15)
+_QUICK_ROUNDS = (1, 3)
+# CPU flags that decide which kernels run on x86 (bf16/int8 matrix units).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+_PACKAGES = ("torch", "numpy", "stoker", "rich", "accelerate", "lightning", "torchao", "tokenizers")
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchConfig:
+    """How many rounds to run and where the JSON goes."""
+
+    warmup: int = _DEFAULT_ROUNDS[0]
+    """Untimed rounds before the timed ones (each runs every candidate once, interleaved)."""
+    repeats: int = _DEFAULT_ROUNDS[1]
+    """Timed rounds; each gives one sample per candidate."""
+    out_dir: Path | None = DEFAULT_OUT_DIR
+    """Directory for the JSON file; ``None`` writes nothing."""
+    quick: bool = False
+    """Smoke-test run: scripts shrink their sizes too; recorded so nobody quotes it."""
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise StokerError(f"warmup={self.warmup} is negative; pass 0 or more warm-up rounds")
+        if self.repeats < 1:
+            raise StokerError(f"repeats={self.repeats} must be at least 1 timed round")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        """Build from a namespace parsed by :func:`bench_parser`."""
+        warmup, repeats = _QUICK_ROUNDS if args.quick else _DEFAULT_ROUNDS
+        return cls(
+            warmup=warmup if args.warmup is None else args.warmup,
+            repeats=repeats if args.repeats is None else args.repeats,
+            out_dir=None if args.no_save else Path(args.out),
+            quick=bool(args.quick),
+        )
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every benchmark script starts from; add script options to it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {_QUICK_ROUNDS[1]} rounds and smaller sizes (numbers not for claims)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed rounds (default {_DEFAULT_ROUNDS[1]}, {_QUICK_ROUNDS[1]} with --quick)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed rounds (default {_DEFAULT_ROUNDS[0]}, {_QUICK_ROUNDS[0]} with --quick)",
+    )
+    parser.add_argument(
+        "--out", default=str(DEFAULT_OUT_DIR), help="directory for the JSON results (%(default)s)"
+    )
+    parser.add_argument("--no-save", action="store_true", help="print the tables, write no JSON")
+    return parser
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One way of doing the work: ``fn()`` is one call (e.g. one training step)."""
+
+    name: str
+    fn: Callable[[], object]
+    work: float | None = None
+    """Work done by one call (tokens, samples, flop); gives a throughput column."""
+    returns_work: bool = False
+    """``fn()`` returns its own work count (a number or 0-d tensor), read after the clock stops."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise StokerError("a Candidate needs a non-empty name; it labels the table row")
+        if self.work is not None and self.returns_work:
+            raise StokerError(
+                f"candidate {self.name!r} has both work={self.work} and returns_work=True; "
+                "pass a fixed work per call or return it from fn, not both"
+            )
+        if self.work is not None and not self.work > 0:
+            raise StokerError(f"candidate {self.name!r} has work={self.work}; it must be > 0")
+
+
+# ------------------------------------------------------------------------------------ stats
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Order statistics of a sample (quantiles interpolate linearly, like numpy's default)."""
+
+    n: int
+    median: float
+    min: float
+    max: float
+    p10: float
+    p25: float
+    p75: float
+    p90: float
+    mean: float
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    # Linear interpolation between closest ranks: position q*(n-1), as numpy.quantile.
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(values: Iterable[float]) -> Stats:
+    """Median, min/max, p10/p25/p75/p90 and mean of ``values`` (at least one)."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        raise StokerError("cannot summarize an empty sample; run at least one timed round")
+    q = lambda p: _quantile(ordered, p)  # noqa: E731
+    return Stats(
+        n=len(ordered),
+        median=q(0.5),
+        min=ordered[0],
+        max=ordered[-1],
+        p10=q(0.1),
+        p25=q(0.25),
+        p75=q(0.75),
+        p90=q(0.9),
+        mean=sum(ordered) / len(ordered),
+    )
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateResult:
+    """Samples of one candidate; every tuple has one entry per timed round."""
+
+    name: str
+    seconds: tuple[float, ...]
+    """Seconds per call (sample time / number of calls)."""
+    warmup_seconds: tuple[float, ...]
+    """Seconds per call in the warm-up rounds (the first one includes compilation, if any)."""
+    work: tuple[float, ...] | None
+    """Work per call, or ``None`` if the candidate reports none."""
+    ratios: tuple[float, ...]
+    """``seconds / baseline seconds`` of the same round."""
+    speedups: tuple[float, ...]
+    """``throughput / baseline throughput`` of the same round (``baseline s / s`` without work)."""
+
+    @property
+    def time(self) -> Stats:
+        return summarize(self.seconds)
+
+    @property
+    def median_s(self) -> float:
+        return self.time.median
+
+    @property
+    def throughput(self) -> Stats | None:
+        """Work per second, per round; ``None`` if no work is reported."""
+        if self.work is None:
+            return None
+        return summarize(w / s for w, s in zip(self.work, self.seconds, strict=True))
+
+    @property
+    def ratio(self) -> float:
+        """Median over rounds of time / baseline time (< 1: faster than the baseline)."""
+        return summarize(self.ratios).median
+
+    @property
+    def speedup(self) -> float:
+        """Median over rounds of throughput / baseline throughput (> 1: faster)."""
+        return summarize(self.speedups).median
+
+    def to_dict(self) -> dict[str, Any]:
+        throughput = self.throughput
+        return {
+            "name": self.name,
+            "time_s": asdict(self.time),
+            "throughput_per_s": None if throughput is None else asdict(throughput),
+            "ratio": asdict(summarize(self.ratios)),
+            "speedup": asdict(summarize(self.speedups)),
+            "seconds": list(self.seconds),
+            "warmup_seconds": list(self.warmup_seconds),
+            "work": None if self.work is None else list(self.work),
+            "ratios": list(self.ratios),
+            "speedups": list(self.speedups),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CandidateResult:
+        work = d["work"]
+        return cls(
+            name=d["name"],
+            seconds=tuple(d["seconds"]),
+            warmup_seconds=tuple(d["warmup_seconds"]),
+            work=None if work is None else tuple(work),
+            ratios=tuple(d["ratios"]),
+            speedups=tuple(d["speedups"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The result of :meth:`Bench.compare`; index it by candidate name."""
+
+    name: str
+    baseline: str
+    unit: str | None
+    number: int
+    order: tuple[tuple[str, ...], ...]
+    """Candidate order of each timed round, as run."""
+    candidates: tuple[CandidateResult, ...]
+
+    def __getitem__(self, name: str) -> CandidateResult:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        names = [c.name for c in self.candidates]
+        raise KeyError(f"no candidate {name!r} in comparison {self.name!r}; have {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "baseline": self.baseline,
+            "unit": self.unit,
+            "number": self.number,
+            "order": [list(o) for o in self.order],
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+        return cls(
+            name=d["name"],
+            baseline=d["baseline"],
+            unit=d["unit"],
+            number=d["number"],
+            order=tuple(tuple(o) for o in d["order"]),
+            candidates=tuple(CandidateResult.from_dict(c) for c in d["candidates"]),
+        )
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def _cpu_info() -> tuple[str, dict[str, bool] | None]:
+    model = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        if sys.platform == "darwin":
+            out = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+            model = out or model
+        return model, None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, {f: f in flags for f in CPU_FLAGS}
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _git(repo: Path) -> dict[str, Any] | None:
+    revision = _run(["git", "rev-parse", "HEAD"], cwd=repo)
+    if revision is None:
+        return None
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
+    return {"revision": revision, "dirty": bool(status)}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(repo: Path | None = None) -> dict[str, Any]:
+    """What a reader needs to judge or rerun a number: versions, CPU, threads, host, git.
+
+    ``repo`` is where to ask git for the revision (default: the running script's directory).
+    """
+    if repo is None:
+        script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+        repo = script.resolve().parent if script is not None and script.is_file() else Path.cwd()
+    cpu_model, flags = _cpu_info()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    env: dict[str, Any] = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in _PACKAGES},
+        "cpu_model": cpu_model,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": None if affinity is None else len(affinity),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "thread_env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY")
+            if k in os.environ
+        },
+        "cuda": None,
+        "git": _git(repo),
+    }
+    env["versions"]["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        env["cuda"] = {
+            "version": torch.version.cuda,
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        }
+    return env
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def _autocast_cpu_enabled() -> bool:
+    try:
+        return bool(torch.is_autocast_enabled("cpu"))
+    except TypeError:  # torch < 2.4 had no device_type argument
+        return bool(torch.is_autocast_cpu_enabled())
+
+
+def _process_state() -> dict[str, object]:
+    # State one candidate could leave behind and silently speed up or slow down the next one.
+    return {
+        "torch intra-op threads": torch.get_num_threads(),
+        "CPU autocast enabled": _autocast_cpu_enabled(),
+        "grad mode enabled": torch.is_grad_enabled(),
+    }
+
+
+@dataclass(slots=True)
+class _Samples:
+    seconds: list[float] = field(default_factory=list)
+    warmup: list[float] = field(default_factory=list)
+    work: list[float] = field(default_factory=list)
+
+
+class Bench:
+    """One benchmark run: several comparisons, one environment, one JSON file.
+
+    ``clock`` exists for tests (a fake clock makes timings exact); leave it alone otherwise.
+    ``console=None`` prints nothing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: BenchConfig | None = None,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        console: Console | None = Console(),  # noqa: B008 - one shared stdout console is fine
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not name or "/" in name:
+            raise StokerError(f"benchmark name {name!r} must be non-empty and contain no '/'")
+        self.name = name
+        self.config = config if config is not None else BenchConfig()
+        self.meta: dict[str, Any] = dict(meta or {})
+        """Script inputs and extra measurements (sizes, compile time); saved in the JSON."""
+        self.comparisons: list[Comparison] = []
+        self.console = console
+        self._clock = clock
+        self._cuda = torch.cuda.is_available()
+        self._mps = torch.backends.mps.is_available()
+
+    @classmethod
+    def from_args(
+        cls, name: str, args: argparse.Namespace, *, meta: Mapping[str, Any] | None = None
+    ) -> Bench:
+        """A bench configured from :func:`bench_parser` arguments."""
+        return cls(name, BenchConfig.from_args(args), meta=meta)
+
+    # -- timing -------------------------------------------------------------------------
+
+    def _synchronize(self) -> None:
+        # Kernels are asynchronous on accelerators: wait for queued work before reading the clock.
+        if self._cuda and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        if self._mps:
+            torch.mps.synchronize()
+
+    def _sample(self, cand: Candidate, number: int) -> tuple[float, float | None]:
+        """Seconds per call and work per call of ``number`` back-to-back calls."""
+        fn = cand.fn
+        gc.collect()  # no candidate pays for another's garbage
+        before = _process_state()
+        returned: list[object] = []
+        self._synchronize()
+        t0 = self._clock()
+        if cand.returns_work:
+            append = returned.append
+            for _ in range(number):
+                append(fn())
+        else:
+            for _ in range(number):
+                fn()
+        self._synchronize()
+        elapsed = self._clock() - t0
+        after = _process_state()
+        if after != before:
+            changed = "; ".join(
+                f"{k} {before[k]} -> {after[k]}" for k in before if before[k] != after[k]
+            )
+            raise StokerError(
+                f"candidate {cand.name!r} changed process state ({changed}); restore it inside "
+                "the candidate so it cannot leak into the other candidates' timings"
+            )
+        if elapsed <= 0:
+            raise StokerError(
+                f"candidate {cand.name!r} took {elapsed} s for {number} calls; the clock did not "
+                "advance, raise `number` so one sample lasts at least a millisecond"
+            )
+        work: float | None = None
+        if cand.returns_work:
+            work = sum(float(w) for w in returned) / number  # type: ignore[arg-type]
+        elif cand.work is not None:
+            work = cand.work
+        return elapsed / number, work
+
+    def compare(
+        self,
+        name: str,
+        candidates: Sequence[Candidate] | Mapping[str, Callable[[], object]],
+        *,
+        baseline: str | None = None,
+        unit: str | None = None,
+        number: int = 1,
+        warmup: int | None = None,
+        repeats: int | None = None,
+    ) -> Comparison:
+        """Run ``candidates`` interleaved and return (and print) their comparison.
+
+        ``baseline`` names the candidate ratios refer to (default: the first). ``unit`` names
+        the work (``"tokens"``) for the throughput column. ``number`` calls make one sample:
+        raise it until a sample lasts >= ~10 ms. ``warmup``/``repeats`` override the config.
+        """
+        cands = (
+            [Candidate(k, v) for k, v in candidates.items()]
+            if isinstance(candidates, Mapping)
+            else list(candidates)
+        )
+        names = [c.name for c in cands]
+        if not cands:
+            raise StokerError(f"comparison {name!r} has no candidates; pass at least one")
+        if len(set(names)) != len(names):
+            raise StokerError(f"comparison {name!r} has duplicate candidate names {names}")
+        baseline = names[0] if baseline is None else baseline
+        if baseline not in names:
+            raise StokerError(f"baseline {baseline!r} is not a candidate; choose one of {names}")
+        if number < 1:
+            raise StokerError(f"number={number} calls per sample; pass at least 1")
+        warmup = self.config.warmup if warmup is None else warmup
+        repeats = self.config.repeats if repeats is None else repeats
+        BenchConfig(warmup=warmup, repeats=repeats)  # validates both
+
+        samples = {n: _Samples() for n in names}
+        order: list[tuple[str, ...]] = []
+        for phase, rounds in (("warmup", warmup), ("timed", repeats)):
+            for r in range(rounds):
+                # Reverse every other round (A B C, C B A, ...) so drift cancels across positions.
+                ordered = cands if r % 2 == 0 else cands[::-1]
+                if phase == "timed":
+                    order.append(tuple(c.name for c in ordered))
+                for cand in ordered:
+                    seconds, work = self._sample(cand, number)
+                    s = samples[cand.name]
+                    if phase == "warmup":
+                        s.warmup.append(seconds)
+                    else:
+                        s.seconds.append(seconds)
+                        if work is not None:
+                            s.work.append(work)
+
+        base = samples[baseline]
+        results = []
+        for c in cands:
+            s = samples[c.name]
+            has_work = bool(s.work)
+            ratios = [t / b for t, b in zip(s.seconds, base.seconds, strict=True)]
+            if has_work and base.work:
+                speedups = [
+                    (w / t) / (bw / bt)
+                    for w, t, bw, bt in zip(s.work, s.seconds, base.work, base.seconds, strict=True)
+                ]
+            else:
+                speedups = [1.0 / r for r in ratios]
+            results.append(
+                CandidateResult(
+                    name=c.name,
+                    seconds=tuple(s.seconds),
+                    warmup_seconds=tuple(s.warmup),
+                    work=tuple(s.work) if has_work else None,
+                    ratios=tuple(ratios),
+                    speedups=tuple(speedups),
+                )
+            )
+        comparison = Comparison(
+            name=name,
+            baseline=baseline,
+            unit=unit,
+            number=number,
+            order=tuple(order),
+            candidates=tuple(results),
+        )
+        self.comparisons.append(comparison)
+        if self.console is not None:
+            self.console.print(self.table(comparison))
+        return comparison
+
+    # -- output -------------------------------------------------------------------------
+
+    def table(self, comparison: Comparison) -> Table:
+        """The rich table for one comparison (printed by :meth:`compare`)."""
+        unit = comparison.unit or "work"
+        with_work = any(c.work is not None for c in comparison.candidates)
+        table = Table(
+            title=f"{self.name}: {comparison.name}" + ("  [quick]" if self.config.quick else ""),
+            caption=(
+                f"{len(comparison.order)} interleaved rounds x {comparison.number} call(s); "
+                f"ratio = median over rounds of time / {comparison.baseline!r} time that round"
+            ),
+        )
+        table.add_column("candidate")
+        table.add_column("median / call", justify="right")
+        table.add_column("min - max", justify="right")
+        table.add_column("p10 - p90", justify="right")
+        if with_work:
+            table.add_column(f"{unit}/s", justify="right")
+        table.add_column(f"x {comparison.baseline}", justify="right")
+        table.add_column("ratio p10 - p90", justify="right")
+        for c in comparison.candidates:
+            t = c.time
+            row = [c.name, _fmt_s(t.median), f"{_fmt_s(t.min)} - {_fmt_s(t.max)}"]
+            row.append(f"{_fmt_s(t.p10)} - {_fmt_s(t.p90)}")
+            if with_work:
+                thr = c.throughput
+                row.append("-" if thr is None else _fmt_n(thr.median))
+            r = summarize(c.ratios)
+            if c.name == comparison.baseline:
+                row += ["1.000 (baseline)", ""]
+            else:
+                row += [f"{r.median:.3f}", f"{r.p10:.3f} - {r.p90:.3f}"]
+            table.add_row(*row)
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "config": {
+                "warmup": self.config.warmup,
+                "repeats": self.config.repeats,
+                "quick": self.config.quick,
+            },
+            "meta": self.meta,
+            "environment": environment(),
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
+
+    def save(self, path: Path | str | None = None) -> Path | None:
+        """Write the JSON (to ``path``, or ``<out_dir>/<name>-<UTC stamp>.json``); return it.
+
+        Returns ``None`` without writing when ``out_dir`` is ``None`` and no ``path`` is given.
+        """
+        if path is None:
+            if self.config.out_dir is None:
+                return None
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            path = self.config.out_dir / f"{self.name}-{stamp}.json"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
+        tmp.replace(path)
+        if self.console is not None:
+            self.console.print(f"[dim]wrote {path}[/dim]")
+        return path
+
+    def include(self, path: Path | str) -> list[Comparison]:
+        """Add the comparisons of another run's JSON (e.g. a child process's) to this run."""
+        data = json.loads(Path(path).read_text())
+        added = [Comparison.from_dict(c) for c in data["comparisons"]]
+        self.comparisons.extend(added)
+        return added
+
+
+def _fmt_s(seconds: float) -> str:
+    for scale, suffix in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {suffix}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _fmt_n(value: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"

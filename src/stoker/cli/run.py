@@ -1,0 +1,43 @@
+"""``stoker run``: start a training script on one or many processes (via torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+from stoker.runtime.launch import LaunchConfig, launch
+
+NAME = "run"
+HELP = "run a training script on N processes / nodes through torchrun's elastic launcher"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (default 1)"
+    )
+    parser.add_argument("--nnodes", default="1", help="machines in the job, or MIN:MAX (default 1)")
+    parser.add_argument(
+        "--node-rank", type=int, default=None, help="this machine's rank (static rendezvous)"
+    )
+    parser.add_argument(
+        "--rdzv", default=None, metavar="HOST:PORT", help="rendezvous endpoint for multi-node jobs"
+    )
+    parser.add_argument("--rdzv-id", default="stoker", help="job id shared by all nodes")
+    parser.add_argument(
+        "--max-restarts", type=int, default=0, help="restart failed workers up to K times"
+    )
+    parser.add_argument("script", help="the training script")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = LaunchConfig(
+        script=args.script,
+        script_args=list(args.script_args),
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+    )
+    return launch(config)

@@ -1,0 +1,116 @@
+"""Process groups, DistributedDataParallel and per-rank data shards.
+
+stoker never starts processes itself: ``stoker run`` (or plain ``torchrun``) does, and sets
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` in each one's environment. This
+module reads them, joins the process group (gloo on CPU, nccl on CUDA) and leaves everything
+else to ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from stoker.errors import StokerError
+
+__all__ = ["DistributedContext", "init_distributed", "shard_loader"]
+
+
+@dataclass(frozen=True, slots=True)
+class DistributedContext:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise StokerError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group described by torchrun's environment variables, if any."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size <= 1:
+        return DistributedContext()
+    if not dist.is_available():
+        raise StokerError(
+            f"WORLD_SIZE={world_size} but this torch build has no torch.distributed; "
+            "run a single process or install a torch build with distributed support"
+        )
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def _is_rank_aware(loader: DataLoader[Any]) -> bool:
+    for sampler in (loader.batch_sampler, loader.sampler):
+        if hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
+            return True
+    return False
+
+
+def shard_loader(loader: DataLoader[Any], ctx: DistributedContext, seed: int) -> DataLoader[Any]:
+    """Give this rank its shard of ``loader``'s dataset.
+
+    A loader whose sampler or batch sampler already knows its rank (has ``num_replicas`` and
+    ``rank``, like ``DistributedSampler`` or stoker's balanced samplers) is returned as is.
+    A loader with the default sequential or random sampler is rebuilt with a
+    ``DistributedSampler`` keeping its shuffle setting; rank r then sees samples r, r+W, r+2W …
+    of the order one process would see, so a global batch of W x B equals one process's batch
+    of W x B. Anything else is refused rather than silently duplicated on every rank.
+    """
+    if not ctx.enabled or _is_rank_aware(loader):
+        return loader
+    if isinstance(loader.sampler, SequentialSampler | RandomSampler) and loader.batch_size:
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            loader.dataset,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=loader.drop_last,
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            generator=loader.generator,
+            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+            persistent_workers=loader.persistent_workers,
+        )
+    raise StokerError(
+        f"cannot shard a DataLoader whose sampler is {type(loader.sampler).__name__} and batch "
+        f"sampler is {type(loader.batch_sampler).__name__} across {ctx.world_size} processes; "
+        "give it a sampler with `num_replicas` and `rank` (e.g. torch's DistributedSampler or "
+        "a stoker balanced sampler) or use the default sampler with batch_size set"
+    )
