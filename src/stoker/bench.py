@@ -33,7 +33,10 @@ A benchmark script looks like this (every script in ``benchmarks/`` has the same
     flops = 2 * args.size**3  # one n x n x n product, multiply + add
     bench.compare(
         "matmul",
-        [Candidate("fp32", lambda: a @ a, work=flops), Candidate("bf16", lambda: b @ b, work=flops)],
+        [
+            Candidate("fp32", lambda: a @ a, work=flops),
+            Candidate("bf16", lambda: b @ b, work=flops),
+        ],
         baseline="fp32",
         unit="flop",
         number=10,  # calls per timed sample: make a sample >= ~10 ms
@@ -48,10 +51,13 @@ Executed example (tests/test_bench.py runs it):
 
     >>> import time
     >>> from stoker.bench import Bench, BenchConfig, Candidate
-    >>> bench = Bench("doc", BenchConfig(warmup=1, repeats=3, out_dir=None), console=None)
+    >>> bench = Bench("doc", BenchConfig(warmup=1, repeats=3, out_dir=None), quiet=True)
     >>> result = bench.compare(
     ...     "sleep",
-    ...     [Candidate("short", lambda: time.sleep(0.001)), Candidate("long", lambda: time.sleep(0.004))],
+    ...     [
+    ...         Candidate("short", lambda: time.sleep(0.001)),
+    ...         Candidate("long", lambda: time.sleep(0.004)),
+    ...     ],
     ...     baseline="short",
     ... )
     >>> result["long"].ratio > 1.5
@@ -89,6 +95,7 @@ __all__ = [
     "CandidateResult",
     "Comparison",
     "Stats",
+    "autorange",
     "bench_parser",
     "environment",
     "summarize",
@@ -128,7 +135,8 @@ class BenchConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
         """Build from a namespace parsed by :func:`bench_parser`."""
-        warmup, repeats = _QUICK_ROUNDS if args.quick else _DEFAULT_ROUNDS
+        rounds = getattr(args, "bench_rounds", _DEFAULT_ROUNDS)
+        warmup, repeats = _QUICK_ROUNDS if args.quick else rounds
         return cls(
             warmup=warmup if args.warmup is None else args.warmup,
             repeats=repeats if args.repeats is None else args.repeats,
@@ -137,9 +145,16 @@ class BenchConfig:
         )
 
 
-def bench_parser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every benchmark script starts from; add script options to it."""
+def bench_parser(
+    description: str, *, warmup: int = _DEFAULT_ROUNDS[0], repeats: int = _DEFAULT_ROUNDS[1]
+) -> argparse.ArgumentParser:
+    """The argument parser every benchmark script starts from; add script options to it.
+
+    ``warmup``/``repeats`` are this script's defaults for a full run (``--quick`` always uses
+    the quick rounds unless ``--warmup``/``--repeats`` are given).
+    """
     parser = argparse.ArgumentParser(description=description)
+    parser.set_defaults(bench_rounds=(warmup, repeats))
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -149,13 +164,13 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help=f"timed rounds (default {_DEFAULT_ROUNDS[1]}, {_QUICK_ROUNDS[1]} with --quick)",
+        help=f"timed rounds (default {repeats}, {_QUICK_ROUNDS[1]} with --quick)",
     )
     parser.add_argument(
         "--warmup",
         type=int,
         default=None,
-        help=f"untimed rounds (default {_DEFAULT_ROUNDS[0]}, {_QUICK_ROUNDS[0]} with --quick)",
+        help=f"untimed rounds (default {warmup}, {_QUICK_ROUNDS[0]} with --quick)",
     )
     parser.add_argument(
         "--out", default=str(DEFAULT_OUT_DIR), help="directory for the JSON results (%(default)s)"
@@ -218,7 +233,10 @@ def summarize(values: Iterable[float]) -> Stats:
     ordered = sorted(float(v) for v in values)
     if not ordered:
         raise StokerError("cannot summarize an empty sample; run at least one timed round")
-    q = lambda p: _quantile(ordered, p)  # noqa: E731
+
+    def q(p: float) -> float:
+        return _quantile(ordered, p)
+
     return Stats(
         n=len(ordered),
         median=q(0.5),
@@ -419,6 +437,7 @@ def environment(repo: Path | None = None) -> dict[str, Any]:
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY")
             if k in os.environ
         },
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cuda": None,
         "git": _git(repo),
     }
@@ -447,6 +466,8 @@ def _process_state() -> dict[str, object]:
         "torch intra-op threads": torch.get_num_threads(),
         "CPU autocast enabled": _autocast_cpu_enabled(),
         "grad mode enabled": torch.is_grad_enabled(),
+        # "medium"/"high" let oneDNN/cuBLAS run fp32 matmuls in bf16/tf32.
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
     }
 
 
@@ -460,8 +481,8 @@ class _Samples:
 class Bench:
     """One benchmark run: several comparisons, one environment, one JSON file.
 
+    Tables go to ``console`` (default: a new stdout console); ``quiet=True`` prints nothing.
     ``clock`` exists for tests (a fake clock makes timings exact); leave it alone otherwise.
-    ``console=None`` prints nothing.
     """
 
     def __init__(
@@ -470,7 +491,8 @@ class Bench:
         config: BenchConfig | None = None,
         *,
         meta: Mapping[str, Any] | None = None,
-        console: Console | None = Console(),  # noqa: B008 - one shared stdout console is fine
+        console: Console | None = None,
+        quiet: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not name or "/" in name:
@@ -480,7 +502,10 @@ class Bench:
         self.meta: dict[str, Any] = dict(meta or {})
         """Script inputs and extra measurements (sizes, compile time); saved in the JSON."""
         self.comparisons: list[Comparison] = []
-        self.console = console
+        if console is None and not quiet:
+            # Piped to a file or a log: don't squeeze the table into 80 columns.
+            console = Console() if sys.stdout.isatty() else Console(width=160)
+        self.console: Console | None = None if quiet else console
         self._clock = clock
         self._cuda = torch.cuda.is_available()
         self._mps = torch.backends.mps.is_available()
@@ -504,7 +529,9 @@ class Bench:
     def _sample(self, cand: Candidate, number: int) -> tuple[float, float | None]:
         """Seconds per call and work per call of ``number`` back-to-back calls."""
         fn = cand.fn
-        gc.collect()  # no candidate pays for another's garbage
+        # No candidate pays for the previous one's young garbage (a full collection costs ~0.1 s
+        # with torch loaded, too slow to do per sample).
+        gc.collect(1)
         before = _process_state()
         returned: list[object] = []
         self._synchronize()
@@ -534,7 +561,7 @@ class Bench:
             )
         work: float | None = None
         if cand.returns_work:
-            work = sum(float(w) for w in returned) / number  # type: ignore[arg-type]
+            work = sum(_work_value(cand.name, w) for w in returned) / number
         elif cand.work is not None:
             work = cand.work
         return elapsed / number, work
@@ -703,6 +730,35 @@ class Bench:
         added = [Comparison.from_dict(c) for c in data["comparisons"]]
         self.comparisons.extend(added)
         return added
+
+
+def _work_value(name: str, value: object) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())  # after the clock stopped: a device sync here costs nothing
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise StokerError(
+        f"candidate {name!r} has returns_work=True but returned {type(value).__name__} "
+        f"{value!r:.40}; return the work of the call as a number or a one-element tensor"
+    )
+
+
+def autorange(fn: Callable[[], object], min_time: float = 0.02, max_number: int = 10_000) -> int:
+    """Calls of ``fn`` per sample so that one sample lasts at least ``min_time`` seconds.
+
+    Use it for ``compare(number=...)`` when one call is too short to time on its own
+    (perf_counter resolution, Python loop jitter); it calls ``fn`` a few times itself.
+    """
+    fn()  # the first call may pay one-time costs (allocation, lazy init)
+    number = 1
+    while number < max_number:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - t0 >= min_time:
+            break
+        number *= 2
+    return min(number, max_number)
 
 
 def _fmt_s(seconds: float) -> str:

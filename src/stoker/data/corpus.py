@@ -40,6 +40,7 @@ that has the file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import sysconfig
@@ -202,7 +203,7 @@ def split_source(text: str) -> list[str]:
             in_decorators = False
     starts.append(len(lines))
     chunks = []
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         if a == 0 and b == 0:
             chunks.append("")  # header of a file that starts with a definition
             continue

@@ -22,6 +22,7 @@ tokenizer plus train split ~0.1 s. See the numbers in the report for this revisi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import shutil
@@ -102,15 +103,18 @@ def _tokenizer_path(corpus: CorpusConfig, vocab_size: int) -> Path:
 
 
 def load_tokenizer(
-    corpus: CorpusConfig = CorpusConfig(),
+    corpus: CorpusConfig | None = None,
     *,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     progress: bool = True,
 ) -> Tokenizer:
-    """The BPE tokenizer for ``corpus``'s train split: from the cache, or trained and cached.
+    """The BPE tokenizer of ``corpus``'s train split: from the cache, or trained and cached.
+
+    ``corpus`` defaults to ``CorpusConfig()`` (the running interpreter's stdlib, no tests).
 
     Training shows a spinner on stderr (``progress=False`` silences it).
     """
+    corpus = corpus if corpus is not None else CorpusConfig()
     path = _tokenizer_path(corpus, vocab_size)
     if path.exists():
         return Tokenizer.from_file(str(path))
@@ -130,14 +134,14 @@ def load_tokenizer(
 
 def _views(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     bounds = offsets.tolist()
-    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [ids[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def load_token_documents(
     split: str = "train",
     *,
     tokenizer: Tokenizer | None = None,
-    corpus: CorpusConfig = CorpusConfig(),
+    corpus: CorpusConfig | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     progress: bool = True,
 ) -> list[np.ndarray]:
@@ -149,6 +153,7 @@ def load_token_documents(
     """
     if split not in SPLITS:
         raise StokerError(f"Unknown corpus split {split!r}; valid choices: {', '.join(SPLITS)}.")
+    corpus = corpus if corpus is not None else CorpusConfig()
     if tokenizer is None:
         tokenizer = load_tokenizer(corpus, vocab_size=vocab_size, progress=progress)
     key = hashlib.sha256(
@@ -168,7 +173,7 @@ def load_token_documents(
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.empty(int(offsets[-1]), dtype=np.int32)
-        for e, a, b in zip(encodings, offsets[:-1].tolist(), offsets[1:].tolist()):
+        for e, (a, b) in zip(encodings, itertools.pairwise(offsets.tolist()), strict=True):
             ids[a:b] = e.ids
     _write_entry(entry, ids, offsets, meta={"split": split, "documents": len(docs)})
     console.print(

@@ -1,0 +1,291 @@
+"""Checkpoints every N steps and/or T minutes, auto-resume, keep-last-K and a fault policy.
+
+    ckpt = Checkpointer("runs/my-run/checkpoints", CheckpointConfig(every_steps=500))
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "sampler": sampler}
+    start = ckpt.resume(state) or 0          # newest checkpoint that verifies, if any
+    for step in range(start + 1, total + 1):
+        ...train one step...
+        ckpt.maybe_save(step, state)         # O(1) unless a save is due
+    ckpt.save(total, state)                  # the final one
+    ckpt.close()                             # waits for a background save
+
+Fault policy (``on_error``): when a save fails because of the filesystem (disk full, no
+permission, read-only, quota), the partial checkpoint is removed and earlier ones are untouched
+and loadable. ``"warn"`` (default) emits one :class:`CheckpointWarning` per failed save, saying
+what failed and that training goes on, and keeps training; ``"raise"`` raises
+:class:`CheckpointError` with the same one-line message (the run stops; stoker's excepthook
+prints it without a traceback). Mistakes in the state itself (an object that is neither data nor
+stateful) always raise: they would fail every time.
+
+``async_save``: the step's state is copied to CPU memory (the only time the loop waits), then a
+background thread writes, hashes and renames. A failure is reported at the next call. A new
+save while one is still writing first waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stoker.checkpoint._dist import Coordinator
+from stoker.checkpoint.errors import CheckpointError, CheckpointWarning
+from stoker.checkpoint.resume import (
+    checkpoint_name,
+    latest_valid,
+    list_checkpoints,
+    prune,
+    remove_leftovers,
+)
+from stoker.checkpoint.state import snapshot
+from stoker.checkpoint.store import load, write_snapshot
+from stoker.errors import StokerError, install_excepthook
+
+__all__ = ["CheckpointConfig", "Checkpointer"]
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("warn", "raise")
+# Fault injection for `stoker check-resume`: SIGKILL this process when maybe_save() is called
+# with this step (before saving), on every rank or only on STOKER_FAULT_KILL_RANK.
+KILL_AT_STEP_ENV = "STOKER_FAULT_KILL_AT_STEP"
+KILL_RANK_ENV = "STOKER_FAULT_KILL_RANK"
+# Under torch.distributed, ranks agree on a time-triggered save every this many steps (one
+# tiny CPU all-reduce), so a checkpoint may come up to this many steps after T minutes.
+_TIME_AGREE_EVERY = 10
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """When to checkpoint, how many to keep, and what a failed save does."""
+
+    every_steps: int | None = None
+    """Save when ``step % every_steps == 0``; None: not step-triggered."""
+    every_minutes: float | None = None
+    """Save when this many minutes passed since the last save (or the start); None: never."""
+    keep_last: int | None = 3
+    """Delete older checkpoints beyond the newest K after each successful save; None keeps all."""
+    on_error: Literal["warn", "raise"] = "warn"
+    """A save failing on the filesystem: ``"warn"`` and continue, or ``"raise"`` and stop."""
+    async_save: bool = False
+    """Copy the state to CPU memory, then write on a background thread."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise StokerError(
+                f"every_steps={self.every_steps}; use a positive number of steps or None"
+            )
+        if self.every_minutes is not None and not self.every_minutes > 0:
+            raise StokerError(
+                f"every_minutes={self.every_minutes}; use a positive number of minutes or None"
+            )
+        if self.keep_last is not None and self.keep_last < 1:
+            raise StokerError(
+                f"keep_last={self.keep_last}; keep at least 1 checkpoint, or None to keep all"
+            )
+        if self.on_error not in ON_ERROR:
+            raise StokerError(f"on_error={self.on_error!r}; choose one of {ON_ERROR}")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise StokerError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+class Checkpointer:
+    """Periodic atomic checkpoints of a state dict into ``directory/step-NNNNNNNN/``.
+
+    Create it on every rank at the same point of the program (under ``torch.distributed`` it
+    creates a small gloo group for the ranks to agree on each save).
+    """
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig | None = None) -> None:
+        self.directory = Path(directory)
+        self.config = config or CheckpointConfig()
+        self._coord = Coordinator()
+        # A second group for time-trigger votes from the loop's thread, so they never
+        # interleave with a background save's collectives.
+        self._vote = Coordinator() if self.config.every_minutes is not None else self._coord
+        self._last_time = time.monotonic()
+        self._last_step: int | None = None
+        self.latest: Path | None = None
+        """The newest checkpoint this object saved or resumed from."""
+        self.failures = 0
+        """Saves that failed (filesystem errors) so far."""
+        self._thread: threading.Thread | None = None
+        self._pending_error: CheckpointError | None = None
+        self._kill_at = _env_int(KILL_AT_STEP_ENV)
+        kill_rank = _env_int(KILL_RANK_ENV)
+        if kill_rank is not None and kill_rank != self._coord.rank:
+            self._kill_at = None
+        if self.config.on_error == "raise":
+            install_excepthook()
+
+    @property
+    def rank(self) -> int:
+        return self._coord.rank
+
+    # -- resume ------------------------------------------------------------------------
+    def resume(
+        self,
+        state: dict[str, Any],
+        *,
+        rank_state: dict[str, Any] | None = None,
+        strict: bool = True,
+    ) -> int | None:
+        """Load the newest checkpoint that verifies into ``state``; returns its step or None.
+
+        Corrupt or truncated newer checkpoints are skipped with a warning naming them. Under
+        ``torch.distributed`` rank 0 chooses and every rank loads the same one.
+        """
+        self.wait()
+        chosen: Path | None = None
+        step = -1
+        if self.rank == 0:
+            remove_leftovers(self.directory)
+            chosen = latest_valid(self.directory)
+            if chosen is not None:
+                step = dict((p, s) for s, p in list_checkpoints(self.directory))[chosen]
+        step = self._coord.broadcast_int(step)
+        if step < 0:
+            return None
+        if chosen is None:
+            chosen = dict(list_checkpoints(self.directory)).get(step)
+            if chosen is None:
+                raise CheckpointError(
+                    f"rank {self.rank} cannot see checkpoint step {step} under {self.directory}; "
+                    "the checkpoint directory must be on a filesystem every rank shares"
+                )
+        load(chosen, state, rank_state=rank_state, strict=strict)
+        self.latest = chosen
+        self._last_step = step
+        self._last_time = time.monotonic()
+        log.info("resumed from %s", chosen)
+        return step
+
+    # -- save ----------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether :meth:`maybe_save` would save at ``step`` (same answer on every rank)."""
+        if step == self._last_step:
+            return False
+        cfg = self.config
+        if cfg.every_steps is not None and step % cfg.every_steps == 0:
+            return True
+        if cfg.every_minutes is None:
+            return False
+        if self._vote.enabled and step % _TIME_AGREE_EVERY != 0:
+            return False
+        elapsed = time.monotonic() - self._last_time >= cfg.every_minutes * 60
+        # Rank 0's clock decides, so every rank saves at the same step.
+        return self._vote.broadcast_int(int(elapsed)) == 1 if self._vote.enabled else elapsed
+
+    def maybe_save(
+        self, step: int, state: Mapping[str, Any], *, rank_state: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Save if a save is due at ``step``; returns whether one was started. Call every step."""
+        if self._kill_at is not None and step == self._kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (check-resume)
+        self._report_pending()
+        if not self.due(step):
+            return False
+        return self.save(step, state, rank_state=rank_state) is not None or self.config.async_save
+
+    def save(
+        self, step: int, state: Mapping[str, Any], *, rank_state: Mapping[str, Any] | None = None
+    ) -> Path | None:
+        """Save now as ``step-NNNNNNNN``; returns its path (None if it failed under "warn").
+
+        With ``async_save`` the path is returned once the state is copied; the files are
+        complete after :meth:`wait`.
+        """
+        self._report_pending()
+        target = self.directory / checkpoint_name(step)
+        if step == self._last_step and self.latest == target and target.exists():
+            return target
+        self.wait()
+        self._report_pending()
+        async_save = self.config.async_save
+        snap = snapshot(
+            state,
+            rank=self._coord.rank,
+            world_size=self._coord.world_size,
+            rank_state=rank_state,
+            copy=async_save,
+        )
+        self._last_step = step
+        self._last_time = time.monotonic()
+        if async_save:
+            self._thread = threading.Thread(
+                target=self._write_in_background,
+                args=(target, snap, step),
+                name="stoker-checkpoint",
+            )
+            self._thread.start()
+            return target
+        try:
+            self._write(target, snap, step)
+        except CheckpointError as exc:
+            self._failed(exc)
+            return None
+        return target
+
+    def _write(self, target: Path, snap: Any, step: int) -> None:
+        write_snapshot(target, snap, self._coord, step=step)
+        self.latest = target
+        if self.config.keep_last is not None and self._coord.rank == 0:
+            prune(self.directory, self.config.keep_last, protect=target)
+
+    def _write_in_background(self, target: Path, snap: Any, step: int) -> None:
+        try:
+            self._write(target, snap, step)
+        except CheckpointError as exc:
+            self._pending_error = exc
+        except Exception as exc:  # never lose a background failure silently
+            self._pending_error = CheckpointError(f"could not save checkpoint {target}: {exc!r}")
+
+    def _failed(self, exc: CheckpointError) -> None:
+        self.failures += 1
+        if self.config.on_error == "raise":
+            raise exc
+        previous = f"the latest good one is {self.latest}" if self.latest else "none saved yet"
+        warnings.warn(
+            f"{exc} ({previous}); training continues (on_error='warn')",
+            CheckpointWarning,
+            stacklevel=4,
+        )
+
+    def _report_pending(self) -> None:
+        if self._pending_error is not None and (
+            self._thread is None or not self._thread.is_alive()
+        ):
+            exc, self._pending_error = self._pending_error, None
+            self._failed(exc)
+
+    def wait(self) -> None:
+        """Block until a background save (if any) has finished; report its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._report_pending()
+
+    def close(self) -> None:
+        """Finish any background save. Call at the end of training."""
+        self.wait()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,255 @@
+"""From a state dict of live objects to checkpoint files, and back into the live objects.
+
+The user's ``state`` maps names to modules, stateful objects (anything with ``state_dict()`` and
+``load_state_dict()``: optimizers, schedulers, gradient scalers, samplers) or plain data
+(step counters, config dicts, tensors). A checkpoint directory holds::
+
+    model.safetensors     one per nn.Module value: its state_dict, loadable by any safetensors
+                          reader (tied weights stored once, the aliases in the header metadata)
+    state.json            everything else, as JSON (see _tree.py) ...
+    state.safetensors     ... whose tensors live here (optimizer moments, ...)
+    rank-00000.json       per process: RNG states and the optional per-rank state
+    rank-00000.safetensors
+    manifest.json         sizes and SHA-256 of all of the above, written last
+
+Nothing here touches pickle: the only readers are ``json`` and ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stoker.checkpoint import _tree
+from stoker.checkpoint.errors import CheckpointError
+from stoker.checkpoint.rng import capture_rng
+
+__all__ = [
+    "PendingFile",
+    "Snapshot",
+    "is_stateful",
+    "read_json",
+    "read_tensors",
+    "snapshot",
+    "unwrap_module",
+]
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+_ALIASES = "stoker.aliases"
+_TAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}")
+_RESERVED = ("state", "manifest")
+
+
+def rank_stem(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+def is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None)
+    )
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The user's module inside DDP / ``torch.compile`` wrappers, so checkpoints are portable."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+@dataclass(slots=True)
+class PendingFile:
+    """One file of a snapshot, ready to write: JSON bytes, or tensors for safetensors."""
+
+    name: str
+    data: bytes | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    metadata: dict[str, str] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "json" if self.data is not None else "safetensors"
+
+    @property
+    def nbytes(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        return sum(t.numel() * t.element_size() for t in (self.tensors or {}).values())
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything one rank writes for one checkpoint, detached from the live objects or not.
+
+    With ``copied`` the tensors are private CPU copies (safe to write on a background thread
+    while training continues); ``events`` are CUDA events the copies wait on.
+    """
+
+    rank: int
+    world_size: int
+    files: list[PendingFile] = field(default_factory=list)
+    copied: bool = False
+    events: list[Any] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    # Two tensors with equal keys are the same view of the same memory (tied weights).
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        t.shape,
+        t.stride(),
+        t.dtype,
+    )
+
+
+class _Copier:
+    """Turns live tensors into what a snapshot holds: the tensor itself, or a private copy."""
+
+    def __init__(self, copy: bool) -> None:
+        self.copy = copy
+        self.events: list[Any] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if not self.copy:
+            return t
+        if t.device.type == "cuda":
+            # Pinned destination + non_blocking: the copy is queued on the stream and the
+            # writer thread waits on the event, so the loop's thread never waits for the GPU.
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.events.append(event)
+            return out
+        if t.device.type != "cpu":
+            return t.to("cpu")
+        return t.clone(memory_format=torch.contiguous_format)
+
+
+def _tensor_file(
+    name: str, tensors: Mapping[str, torch.Tensor], copier: _Copier, extra_meta: Mapping[str, str]
+) -> PendingFile:
+    """Deduplicate identical views (tied weights), copy if asked, record aliases."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    for key, t in tensors.items():
+        vk = _view_key(t)
+        if vk in first and t.numel() > 0:
+            aliases[key] = first[vk]
+            continue
+        first[vk] = key
+        unique[key] = copier(t)
+    metadata = dict(extra_meta)
+    if aliases:
+        metadata[_ALIASES] = json.dumps(aliases, sort_keys=True)
+    return PendingFile(name=name, tensors=unique, metadata=metadata or None)
+
+
+def _json_bytes(tree: Any) -> bytes:
+    # allow_nan: float('inf') in scheduler state (ReduceLROnPlateau) must round-trip.
+    return (json.dumps(tree, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def snapshot(
+    state: Mapping[str, Any],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    rank_state: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    copy: bool = False,
+) -> Snapshot:
+    """Collect the files this rank writes for ``state`` (rank 0 writes the shared ones)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"checkpoint state must be a dict of name -> object, got {type(state).__name__}; "
+            "e.g. save(path, {'model': model, 'optimizer': optimizer, 'step': step})"
+        )
+    bad = [k for k in state if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"checkpoint state keys must be strings; these are not: {bad!r}")
+    copier = _Copier(copy)
+    snap = Snapshot(rank=rank, world_size=world_size, copied=copy)
+    if rank == 0:
+        entries: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module):
+                stem = key if _TAME.fullmatch(key) and key not in _RESERVED else ""
+                if not stem or stem.startswith("rank-") or stem in used:
+                    stem = f"module{len(used)}"
+                used.add(stem)
+                sd = unwrap_module(obj).state_dict()
+                weights = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+                others = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+                extra, extra_t = _tree.encode(others, f"{key}/extra")
+                tensors.update(extra_t)
+                snap.files.append(_tensor_file(f"{stem}.safetensors", weights, copier, {}))
+                entries[key] = {"kind": "module", "file": f"{stem}.safetensors", "extra": extra}
+            elif is_stateful(obj):
+                tree, t = _tree.encode(obj.state_dict(), key)
+                tensors.update(t)
+                entries[key] = {"kind": "stateful", "data": tree}
+            else:
+                tree, t = _tree.encode(obj, key)
+                tensors.update(t)
+                entries[key] = {"kind": "data", "data": tree}
+        snap.files.append(_tensor_file(STATE_TENSORS, tensors, copier, {}))
+        snap.files.append(PendingFile(STATE_JSON, data=_json_bytes({"entries": entries})))
+    if rank_state is not None:
+        rank_state = {k: v.state_dict() if is_stateful(v) else v for k, v in rank_state.items()}
+    per_rank = {"rng": capture_rng() if rng else None, "rank_state": rank_state}
+    tree, t = _tree.encode(per_rank, "rank")
+    stem = rank_stem(rank)
+    snap.files.append(_tensor_file(f"{stem}.safetensors", t, copier, {}))
+    snap.files.append(PendingFile(f"{stem}.json", data=_json_bytes(tree)))
+    snap.events = copier.events
+    return snap
+
+
+# ------------------------------------------------------------------------------------ read
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is unreadable JSON ({exc})") from None
+
+
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file through the official parser, restoring deduplicated aliases."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            metadata = f.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"checkpoint file {path} is not valid safetensors ({exc})") from None
+    for alias, target in json.loads(metadata.get(_ALIASES, "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors

@@ -1,0 +1,433 @@
+"""Sequence packing: documents concatenated into fixed-length rows, attention kept per document.
+
+A packed batch has ``rows`` rows of ``max_len`` tokens. Documents are placed whole into rows by
+best-fit decreasing (:func:`pack_rows`); a document longer than a row is either **split** into
+``max_len`` pieces (full rows of their own; the remainder is packed like a short document) or
+**truncated** to its first ``max_len`` tokens (:attr:`PackingConfig.long_documents`). Each
+piece is its own attention segment with positions restarting at 0, so a model that attends
+within ``document_ids`` sees exactly what it would see for the piece alone.
+
+Worked example (torchtitan style), ``max_len=6`` and documents of lengths ``[3, 2, 6]``: the
+6-token document fills row 0, the others share row 1::
+
+    document_ids  [[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, -1]]
+    position_ids  [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1,  0]]
+    valid         [[T, T, T, T, T, T], [T, T, T, T, T,  F]]
+    cu_seqlens    [0, 6, 9, 11, 12]   (offsets into the flattened B*T tokens; the pad is a
+                                       segment of its own so the segments tile all B*T)
+
+Two halves work together: :class:`PackedBatchSampler` chooses which documents go into each
+batch (best-fit decreasing inside a shuffled window, so rows come out ~full and every batch
+needs at most ``rows`` rows), and :class:`PackingCollator` lays them out. The collator re-runs
+the same deterministic :func:`pack_rows` on the documents it receives; because best fit only
+looks at the rows' current contents, a batch made of some of a window's rows packs into exactly
+those rows again. The collator also works alone, behind any sampler, with a variable number of
+rows (``rows=None``).
+
+Attention that does not cross documents: :func:`block_diagonal_mask` for
+``F.scaled_dot_product_attention`` (any device), or :func:`packed_attention` with
+``backend="flex"`` (``torch.nn.attention.flex_attention``, compiled, which skips fully masked
+blocks instead of computing them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stoker.data.samplers import Plan, PlannedBatchSampler
+from stoker.data.tokenizer import PAD_ID
+from stoker.errors import StokerError
+
+__all__ = [
+    "PackedBatchSampler",
+    "PackingCollator",
+    "PackingConfig",
+    "block_diagonal_mask",
+    "pack_rows",
+    "packed_attention",
+]
+
+_LONG_DOCUMENTS = ("split", "truncate")
+Segment = tuple[int, int, int]  # (document index in the input, start, stop) token range
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackingConfig:
+    """Row layout shared by :class:`PackingCollator` and :class:`PackedBatchSampler`."""
+
+    max_len: int
+    """Tokens per row (T). Position ids stay below it."""
+    rows: int | None = None
+    """Rows per batch (per rank). The collator always returns exactly this many (static shapes
+    for ``torch.compile``); the sampler fills them. ``None``: as many as the documents need
+    (collator only)."""
+    long_documents: Literal["split", "truncate"] = "split"
+    """A document longer than ``max_len``: ``"split"`` keeps every token (pieces of
+    ``max_len`` in rows of their own, the rest packed as a short document, each piece attending
+    only to itself); ``"truncate"`` keeps its first ``max_len`` tokens."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_len, int) or self.max_len < 1:
+            raise StokerError(f"PackingConfig.max_len={self.max_len!r} must be an int >= 1.")
+        if self.rows is not None and (not isinstance(self.rows, int) or self.rows < 1):
+            raise StokerError(f"PackingConfig.rows={self.rows!r} must be an int >= 1 or None.")
+        if self.long_documents not in _LONG_DOCUMENTS:
+            raise StokerError(
+                f"PackingConfig.long_documents={self.long_documents!r}; valid choices: "
+                f"{', '.join(_LONG_DOCUMENTS)}."
+            )
+
+    def rows_alone(self, length: int) -> int:
+        """Rows one document of ``length`` tokens occupies when packed by itself."""
+        if self.long_documents == "truncate":
+            return 1 if length else 0
+        return -(-length // self.max_len)
+
+
+def pack_rows(lengths: Sequence[int], config: PackingConfig) -> list[list[Segment]]:
+    """Place documents of ``lengths`` into rows of ``config.max_len``; ``rows[r]`` = segments.
+
+    Pieces (see :class:`PackingConfig`) are taken longest first (ties: input order) and each
+    goes into the open row with the least free space that still fits it (best fit), else into a
+    new row. One rule on top: a row holds at most one remainder of a split document, so a split
+    document and the rows it touches never exceed ``rows_alone(length)``. Deterministic, and it
+    only looks at the rows' contents: packing a subset of the documents of some rows (in the
+    same relative order) reproduces those rows. For ``max_len=6``, ``[3, 2, 6]`` gives
+    ``[[(2, 0, 6)], [(0, 0, 3), (1, 0, 2)]]``.
+    """
+    t = config.max_len
+    pieces: list[tuple[int, int, int, bool]] = []  # (doc, start, stop, is_split_remainder)
+    for doc, length in enumerate(lengths):
+        if config.long_documents == "truncate":
+            if length:
+                pieces.append((doc, 0, min(length, t), False))
+            continue
+        full, rest = divmod(int(length), t)
+        pieces.extend((doc, j * t, (j + 1) * t, False) for j in range(full))
+        if rest:
+            pieces.append((doc, full * t, full * t + rest, full > 0))
+    pieces.sort(key=lambda p: p[1] - p[2])  # longest first; stable, so ties keep input order
+
+    rows: list[list[Segment]] = []
+    # Open rows with free space, sorted by (free tokens, row index): bisect finds the best fit.
+    # `marked` rows already hold a split remainder and accept only unsplit pieces.
+    plain: list[tuple[int, int]] = []
+    marked: list[tuple[int, int]] = []
+    for doc, start, stop, remainder in pieces:
+        n = stop - start
+        best: tuple[int, int] | None = None
+        source = plain
+        for candidates in (plain,) if remainder else (plain, marked):
+            j = bisect.bisect_left(candidates, (n, -1))
+            if j < len(candidates) and (best is None or candidates[j] < best):
+                best, source = candidates[j], candidates
+        if best is None:
+            free, row = t - n, len(rows)
+            rows.append([(doc, start, stop)])
+            target = marked if remainder else plain
+        else:
+            source.remove(best)
+            free, row = best[0] - n, best[1]
+            rows[row].append((doc, start, stop))
+            target = marked if remainder or source is marked else plain
+        if free > 0:
+            bisect.insort(target, (free, row))
+    return rows
+
+
+class PackingCollator:
+    """Layout collator: ``list[np.ndarray]`` of token ids -> packed tensors.
+
+    Returns ``input_ids`` [B, T] long (``pad_id`` on padding), ``valid`` [B, T] bool,
+    ``document_ids`` [B, T] long (per-row segment index, -1 on padding), ``position_ids``
+    [B, T] long (restart at 0 per segment) and ``cu_seqlens`` [S + 1] int32 (segment offsets in
+    the flattened ``B*T`` tokens, trailing padding of a row being one segment); see the module
+    docstring's worked example. ``B = config.rows`` when set (empty rows are all padding), else
+    the number of rows needed. Pass ``document_ids`` and ``position_ids`` to the model
+    (``Encoder(input_ids, document_ids=..., position_ids=...)``), not an attention mask.
+    """
+
+    def __init__(self, config: PackingConfig, *, pad_id: int = PAD_ID) -> None:
+        self.config = config
+        self.pad_id = pad_id
+
+    def __call__(self, docs: Sequence[np.ndarray]) -> dict[str, Tensor]:
+        cfg = self.config
+        t = cfg.max_len
+        layout = pack_rows([len(d) for d in docs], cfg)
+        b = cfg.rows if cfg.rows is not None else max(1, len(layout))
+        if len(layout) > b:
+            raise StokerError(
+                f"{len(docs)} documents ({sum(len(d) for d in docs)} tokens) need "
+                f"{len(layout)} rows of {t} but PackingConfig.rows={b}; draw batches with "
+                f"PackedBatchSampler(config=the same PackingConfig) or set rows=None."
+            )
+        ids = np.full((b, t), self.pad_id, dtype=np.int64)
+        document_ids = np.full((b, t), -1, dtype=np.int64)
+        position_ids = np.zeros((b, t), dtype=np.int64)
+        offsets = [0]
+        for r in range(b):
+            col = 0
+            for seg, (doc, start, stop) in enumerate(layout[r] if r < len(layout) else ()):
+                n = stop - start
+                ids[r, col : col + n] = docs[doc][start:stop]
+                document_ids[r, col : col + n] = seg
+                position_ids[r, col : col + n] = np.arange(n)
+                col += n
+                offsets.append(r * t + col)
+            if col < t:
+                offsets.append((r + 1) * t)
+        document_ids_t = torch.from_numpy(document_ids)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "valid": document_ids_t >= 0,
+            "document_ids": document_ids_t,
+            "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
+        }
+
+
+class PackedBatchSampler(PlannedBatchSampler):
+    """Batches of documents that pack into ``config.rows`` rows of ``config.max_len`` with
+    almost no padding; use with ``PackingCollator(config)`` (the same config).
+
+    Each epoch: shuffle the documents, take them ``window`` at a time (plus what the previous
+    window left unpacked), pack the window with :func:`pack_rows`, and group its rows into
+    batches of ``rows`` rows (a split document's rows stay together). ``window`` is the
+    randomness knob: a batch only mixes documents from one window, and a larger window fills
+    rows better. With ``num_replicas`` ranks, consecutive batches form a step; the epoch's last
+    step(s) are rebalanced over the ranks (:class:`PlannedBatchSampler` has the contract).
+
+    Args:
+        lengths: tokens per document, before packing (the collator splits or truncates).
+        config: the layout; ``config.rows`` is required here.
+        window: documents packed together (default 2048).
+        seed, num_replicas, rank: see :class:`PlannedBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        config: PackingConfig,
+        *,
+        window: int = 2048,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if config.rows is None:
+            raise StokerError(
+                "PackedBatchSampler needs PackingConfig(rows=...): the rows per batch it fills."
+            )
+        if window < 1:
+            raise StokerError(f"PackedBatchSampler window={window} must be >= 1 documents.")
+        super().__init__(lengths, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.config = config
+        self.rows = config.rows
+        self.window = window
+        need = [config.rows_alone(int(n)) for n in self.lengths]
+        worst = int(np.argmax(need))
+        if need[worst] > config.rows:
+            raise StokerError(
+                f"document {worst} has {int(self.lengths[worst])} tokens = {need[worst]} rows "
+                f"of {config.max_len} > PackingConfig.rows={config.rows}; raise rows, use "
+                f"long_documents='truncate', or cut documents first (chunk_documents)."
+            )
+
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = self.config
+        return {**super()._fingerprint(), "max_len": cfg.max_len, "rows": cfg.rows,
+                "long_documents": cfg.long_documents, "window": self.window}
+
+    def _rows_needed(self, docs: Sequence[int]) -> int:
+        return len(pack_rows(self.lengths[list(docs)].tolist(), self.config))
+
+    def _window_batches(
+        self, items: list[int], last: bool
+    ) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """Pack ``items``; group the rows into ``(rows used, documents)`` batches.
+
+        Unless this is the epoch's ``last`` window, rows with more than 1/64 free (the last
+        rows best fit opens, holding the smallest leftovers; with the other rows of their split
+        documents) and a last batch that is not full are not batched: their documents are
+        returned, to be packed again with the next window.
+        """
+        lengths = self.lengths[items].tolist()
+        layout = pack_rows(lengths, self.config)
+        # A split document's rows form one unit with the row holding its remainder.
+        unit_of_row = list(range(len(layout)))
+        first_row: dict[int, int] = {}
+        for r, row in enumerate(layout):
+            for doc, _, _ in row:
+                if doc in first_row:
+                    unit_of_row[r] = unit_of_row[first_row[doc]]
+                else:
+                    first_row[doc] = r
+        units: dict[int, list[int]] = {}  # first row -> rows, in row order
+        for r, u in enumerate(unit_of_row):
+            units.setdefault(u, []).append(r)
+
+        def docs_of(rows: list[int]) -> list[int]:
+            return [doc for r in rows for doc, start, _ in layout[r] if start == 0]
+
+        slack = self.config.max_len // 64
+        carry: list[int] = []
+        batches: list[tuple[int, list[int]]] = []  # (rows used, local document indices)
+        for rows in units.values():  # first fit by rows, in row order
+            least = min(sum(stop - start for _, start, stop in layout[r]) for r in rows)
+            if not last and self.config.max_len - least > slack:
+                carry.extend(docs_of(rows))
+                continue
+            for k, (used, docs) in enumerate(batches):
+                if used + len(rows) <= self.rows:
+                    batches[k] = (used + len(rows), docs)
+                    break
+            else:
+                batches.append((len(rows), []))
+                k = len(batches) - 1
+            batches[k][1].extend(docs_of(rows))
+        if not last and batches and batches[-1][0] < self.rows:
+            carry.extend(batches.pop()[1])
+        empty = [d for d, n in enumerate(lengths) if n == 0]
+        if empty:  # no rows, but they must still be handed out once
+            if not batches:
+                batches.append((0, []))
+            batches[-1][1].extend(empty)
+        # Documents in window order: the collator then repacks them into the same rows.
+        return [(used, [items[d] for d in sorted(docs)]) for used, docs in batches], [
+            items[d] for d in sorted(carry)
+        ]
+
+    def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
+        n, parts = len(self.lengths), self.num_replicas
+        order = rng.permutation(n).tolist()
+        full: list[list[int]] = []
+        partial: list[list[int]] = []
+        carry: list[int] = []
+        capacity = self.rows * self.config.max_len
+        n_max = int(self.lengths.max())
+        least = capacity - capacity // 64
+        limit = self.config.max_len if self.config.long_documents == "truncate" else n_max
+        for w in range(0, n, self.window):
+            batches, carry = self._window_batches(
+                carry + order[w : w + self.window], last=w + self.window >= n
+            )
+            for used, docs in batches:  # "full": every row used, less than 1/64 padding
+                tokens = int(np.minimum(self.lengths[docs], limit).sum())
+                (full if used == self.rows and tokens >= least else partial).append(docs)
+        ordered = [full[i] for i in rng.permutation(len(full))] + partial
+        if parts == 1:
+            return [[b] for b in ordered], 0
+        # Rebalance over the ranks what would make uneven steps: the partial batches and the
+        # batches left over after the last complete step of full ones.
+        head = (len(full) // parts) * parts
+        steps = [ordered[i : i + parts] for i in range(0, head, parts)]
+        tail_steps = -(-(len(ordered) - head) // parts)
+        tail, repeated = self._rebalance(
+            [d for b in ordered[head:] for d in b], tail_steps, steps
+        )
+        return steps + tail, repeated
+
+    def _rebalance(self, docs: list[int], num_steps: int, earlier: Plan) -> tuple[Plan, int]:
+        """Spread ``docs`` over ``num_steps`` steps of ``num_replicas`` batches that each pack
+        into ``rows`` rows, balancing tokens (LPT); borrow from ``earlier`` or repeat if fewer
+        documents than batches."""
+        parts = self.num_replicas
+        while True:
+            slots: list[list[int]] = [[] for _ in range(num_steps * parts)]
+            tokens = [0] * len(slots)
+            ok = True
+            for d in sorted(docs, key=lambda i: -int(self.lengths[i])):
+                for s in sorted(range(len(slots)), key=lambda s: (tokens[s], s)):
+                    if self._rows_needed([*slots[s], d]) <= self.rows:
+                        slots[s].append(d)
+                        tokens[s] += int(self.lengths[d])
+                        break
+                else:
+                    ok = False
+                    break
+            if ok:
+                break
+            num_steps += 1
+        repeated = 0
+        for s in (s for s in range(len(slots)) if not slots[s]):
+            donor = self._donor(slots, earlier)
+            if donor is None:  # unavoidable: fewer documents than ranks x steps
+                slots[s] = [docs[repeated % len(docs)]]
+                repeated += 1
+            else:
+                slots[s] = [donor]
+        return [slots[i : i + parts] for i in range(0, len(slots), parts)], repeated
+
+    def _donor(self, slots: list[list[int]], earlier: Plan) -> int | None:
+        """Take a short document from a batch that keeps at least one and still fits."""
+        candidates = [*slots, *(b for step in reversed(earlier) for b in step)]
+        for batch in candidates:
+            if len(batch) < 2:
+                continue
+            for d in sorted(batch, key=lambda i: int(self.lengths[i])):
+                rest = [i for i in batch if i != d]
+                if self._rows_needed(rest) <= self.rows:
+                    batch.remove(d)
+                    return d
+        return None
+
+
+def block_diagonal_mask(document_ids: Tensor) -> Tensor:
+    """[B, T] segment ids (padding -1) -> [B, 1, T, T] bool, True where query may see key.
+
+    A token sees the tokens of its own segment; padding sees only padding, so no query row is
+    all False (SDPA would return NaN there) and no real token ever sees padding. For ids
+    ``[0, 0, 1, -1]``: row 0 is ``[T, T, F, F]``, row 2 ``[F, F, T, F]``, row 3 ``[F, F, F, T]``.
+    """
+    if document_ids.dim() != 2:
+        raise StokerError(
+            f"block_diagonal_mask wants document_ids [B, T]; got {tuple(document_ids.shape)}."
+        )
+    return (document_ids[:, :, None] == document_ids[:, None, :]).unsqueeze(1)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    document_ids: Tensor,
+    *,
+    backend: Literal["sdpa", "flex"] = "sdpa",
+) -> Tensor:
+    """Attention over packed rows that stays inside each document.
+
+    ``q``, ``k``, ``v``: [B, H, T, D]; ``document_ids``: [B, T] (padding -1). Returns
+    [B, H, T, D]. ``"sdpa"`` materialises :func:`block_diagonal_mask` ([B, 1, T, T] bool) and
+    calls ``F.scaled_dot_product_attention``; ``"flex"`` builds a FlexAttention block mask and
+    runs the compiled kernel, which skips blocks that are fully masked (first call compiles,
+    per shape). Both give the same result up to float rounding.
+    """
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(document_ids))
+    if backend != "flex":
+        raise StokerError(f"packed_attention backend={backend!r}; valid choices: sdpa, flex.")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+    bsz, _, t, _ = q.shape
+    block_mask = create_block_mask(same_document, bsz, None, t, t, device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask)

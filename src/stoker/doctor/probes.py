@@ -1,0 +1,241 @@
+"""Probes: measure a suggested fix on the user's own model before suggesting it.
+
+A rule's estimated saving must be what applying the fix gives, so instead of assuming "bf16 is
+8x faster" the doctor times the captured model (the costliest training forward of the window,
+with the batch it was called on) under each candidate change: bf16 autocast, a 4x batch, all
+cores, ``torch.no_grad()`` for eval forwards, a fused optimizer. Each probe restores what it
+touched (``.grad``, buffers such as BatchNorm statistics, RNG state, thread count, training mode).
+Variants are timed interleaved and the minimum is kept, so a noisy neighbour biases neither side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stoker.doctor.session import ForwardInfo, Measurements
+
+__all__ = ["Probe", "run_probes", "time_interleaved"]
+
+log = logging.getLogger(__name__)
+
+_BUDGET_S = 0.6  # wall time per probe, all variants together
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Seconds per call of a baseline and a variant; ``ratio`` = variant / baseline."""
+
+    baseline_s: float
+    variant_s: float
+    detail: str
+
+    @property
+    def ratio(self) -> float:
+        return self.variant_s / self.baseline_s if self.baseline_s > 0 else 1.0
+
+
+def time_interleaved(fns: list[Callable[[], Any]], budget_s: float = _BUDGET_S) -> list[float]:
+    """Min seconds per call of each function, timed in alternating rounds."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:  # warm-up (and a first estimate of the cost)
+        start = time.perf_counter()
+        fn()
+        best[fns.index(fn)] = time.perf_counter() - start
+    per_round = sum(best)
+    rounds = int(max(3, min(15, budget_s / max(per_round, 1e-6))))
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return getattr(out, "logits", None) if hasattr(out, "logits") else None
+
+
+@contextlib.contextmanager
+def _preserved(module: torch.nn.Module) -> Iterator[None]:
+    """Put back every piece of state a throwaway forward/backward can change."""
+    params = list(module.parameters())
+    grads = [p.grad for p in params]
+    buffers = [b.detach().clone() for b in module.buffers()]
+    training = module.training
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(module.buffers(), buffers, strict=False):
+                b.copy_(saved)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        module.train(training)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        torch.set_num_threads(threads)
+
+
+def _scaled(args: tuple[Any, ...], factor: int) -> tuple[Any, ...]:
+    """Repeat every tensor that shares the first tensor's leading (batch) size ``factor`` times."""
+    first = _first_tensor(args)
+    if first is None or first.dim() == 0:
+        raise ValueError("no batched tensor input")
+    batch = first.shape[0]
+    return tuple(
+        torch.cat([a] * factor) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
+        else a
+        for a in args
+    )
+
+
+def _step_fn(
+    fwd: ForwardInfo,
+    *,
+    args: tuple[Any, ...] | None = None,
+    autocast: torch.dtype | None = None,
+    threads: int | None = None,
+    backward: bool = True,
+    grad: bool = True,
+) -> Callable[[], None]:
+    module = fwd.module
+    device = next(module.parameters()).device.type
+    inputs = fwd.args if args is None else args
+    params = list(module.parameters())
+
+    def run() -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for p in params:
+            p.grad = None
+        ctx = (
+            torch.autocast(device, dtype=autocast) if autocast is not None
+            else contextlib.nullcontext()
+        )
+        with torch.set_grad_enabled(grad), ctx:
+            out = module(*inputs)
+        if backward:
+            loss = _first_tensor(out)
+            if loss is not None and loss.requires_grad:
+                loss.float().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def _probe(fwd: ForwardInfo, variants: dict[str, dict[str, Any]], base: dict[str, Any]) -> list[float]:
+    with _preserved(fwd.module):
+        fwd.module.train(fwd.training)
+        fns = [_step_fn(fwd, **base)] + [_step_fn(fwd, **kw) for kw in variants.values()]
+        return time_interleaved(fns)
+
+
+def _bf16_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device == "cpu"
+
+
+def _fused_probe(info: Any) -> Probe | None:
+    """Time the optimizer's step as configured and with ``fused=True``, on copies of its params."""
+    opt = info.optimizer
+    cls = type(opt)
+    groups = []
+    for group in opt.param_groups:
+        clones = []
+        for p in group["params"]:
+            c = torch.nn.Parameter(p.detach().clone())
+            c.grad = (p.grad.detach().clone() if p.grad is not None
+                      else torch.randn_like(c) * 1e-3)
+            clones.append(c)
+        hyper = {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}
+        groups.append({"params": clones, **hyper})
+    if not groups or not groups[0]["params"]:
+        return None
+    try:
+        base = cls(copy.deepcopy(groups), **_kw(opt, fused=opt.defaults.get("fused"),
+                                                  foreach=opt.defaults.get("foreach")))
+        fused = cls(copy.deepcopy(groups), **_kw(opt, fused=True, foreach=None))
+    except (TypeError, RuntimeError, ValueError) as exc:  # class without a fused implementation
+        log.debug("no fused variant of %s: %s", cls.__name__, exc)
+        return None
+    t_base, t_fused = time_interleaved([base.step, fused.step])
+    return Probe(t_base, t_fused, f"{cls.__name__}.step() as configured vs fused=True")
+
+
+def _kw(opt: Any, **flags: Any) -> dict[str, Any]:
+    return {k: v for k, v in flags.items() if k in opt.defaults}
+
+
+def run_probes(m: Measurements) -> dict[str, Probe]:
+    """The probes relevant to what the window showed. Failures skip a probe, never the report."""
+    out: dict[str, Probe] = {}
+    fwd = m.train_forward
+    prof = m.profile
+    jobs: list[tuple[str, Callable[[], Probe | None]]] = []
+    if fwd is not None and next(fwd.module.parameters(), None) is not None:
+        device = m.device
+        fp32_ms = prof.matmul_ms_by_dtype.get("float32", 0.0)
+        if fp32_ms > 0.05 * m.step_ms and _bf16_supported(device):
+            def bf16(fwd: ForwardInfo = fwd) -> Probe:
+                t32, t16 = _probe(fwd, {"bf16": {"autocast": torch.bfloat16}}, {})
+                return Probe(t32, t16, "forward+backward fp32 vs bf16 autocast")
+            jobs.append(("bf16", bf16))
+
+        def batch4(fwd: ForwardInfo = fwd) -> Probe:
+            big = _scaled(fwd.args, 4)
+            t1, t4 = _probe(fwd, {"x4": {"args": big}}, {})
+            return Probe(4 * t1, t4, "forward+backward at 4x the batch vs 4 calls at 1x")
+        jobs.append(("batch4", batch4))
+
+        cores = m.threads["cores"]
+        if device == "cpu" and m.threads["intra_op"] != cores:
+            def threads(fwd: ForwardInfo = fwd, cores: int = cores) -> Probe:
+                now = m.threads["intra_op"]
+                t_now, t_all = _probe(fwd, {"all": {"threads": cores}}, {"threads": now})
+                return Probe(t_now, t_all, f"forward+backward at {now} vs {cores} threads")
+            jobs.append(("threads", threads))
+    for i, f in enumerate(m.forwards):
+        if not f.training and f.grad_enabled and next(f.module.parameters(), None) is not None:
+            def nograd(f: ForwardInfo = f) -> Probe:
+                t_g, t_n = _probe(
+                    f, {"no_grad": {"grad": False, "backward": False}},
+                    {"backward": False},
+                )
+                return Probe(t_g, t_n, "eval forward with grad vs under torch.no_grad()")
+            jobs.append((f"no_grad:{i}", nograd))
+    for i, info in enumerate(m.optimizers):
+        if not info.fused:
+            jobs.append((f"fused:{i}", lambda info=info: _fused_probe(info)))
+    for name, job in jobs:
+        try:
+            result = job()
+        except Exception as exc:  # a model we cannot re-run: the rule falls back or stays quiet
+            log.debug("doctor probe %s failed: %r", name, exc)
+            continue
+        if result is not None:
+            out[name] = result
+    return out

@@ -1,0 +1,509 @@
+"""The doctor's session: skip warm-up steps, profile a window, attribute lines, then get out of the way.
+
+The runtime (or the ``stoker doctor`` script runner) calls :meth:`Doctor.step` once per optimizer
+step; outside the window that is an integer increment and a comparison. Step boundaries come from
+torch's global optimizer step hooks when ``attach(auto_step=True)``.
+
+Timeline for the default config (5 warm-up, 5 profiled, 2 attribution steps)::
+
+    step  1 2 3 4 5 | 6 7 8 9 10 | 11 12 | 13 ...
+          warm-up     profiled     lines   full speed (or stop: the script runner's default)
+          (steps 3-5 give the unprofiled step time)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from stoker.doctor import hooks
+from stoker.doctor.attribution import Attribution, AttributionMode
+from stoker.doctor.capture import ProfileSummary, summarize_events
+from stoker.doctor.frames import Site, caller_site
+from stoker.errors import StokerError
+
+__all__ = [
+    "Doctor",
+    "DoctorConfig",
+    "ForwardInfo",
+    "LoaderInfo",
+    "Measurements",
+    "OptimizerInfo",
+    "WindowComplete",
+]
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: list[Doctor] = []  # at most one attached doctor per process (hooks are global)
+
+
+class WindowComplete(BaseException):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised from the optimizer hook to end a script after the window (``stop_after_window``).
+
+    A BaseException so that a user's ``except Exception`` does not swallow it.
+    """
+
+
+@dataclass(kw_only=True, slots=True)
+class DoctorConfig:
+    """How the doctor samples a run."""
+
+    warmup_steps: int = 5
+    """Optimizer steps run untouched first (allocator, autotuning, torch.compile warm up)."""
+    window_steps: int = 5
+    """Steps profiled with ``torch.profiler`` (timings, op mix)."""
+    attribution_steps: int = 2
+    """Steps after the window run under a call-site recorder (which line issued what)."""
+    stop_after_window: bool = False
+    """End the run (cleanly, by unwinding it) once the doctor has seen enough."""
+    probes: bool = True
+    """At report time, time the captured model under the suggested fixes (bf16, batch, threads)."""
+    with_stack: bool = False
+    """Record Python stacks in the profiler trace (only useful with ``trace_path``; the doctor
+    gets lines from its attribution steps, the profiler's stacks name only the ``def`` line)."""
+    trace_path: str | None = None
+    """Write the window's Chrome/Perfetto trace here."""
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "attribution_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise StokerError(f"DoctorConfig.{name}={value!r}: use an integer >= 0")
+        if not isinstance(self.window_steps, int) or self.window_steps < 1:
+            raise StokerError(
+                f"DoctorConfig.window_steps={self.window_steps!r}: use an integer >= 1"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the doctor needs before it can report."""
+        return self.warmup_steps + self.window_steps + self.attribution_steps
+
+
+@dataclass(slots=True)
+class LoaderInfo:
+    """A DataLoader seen in the window."""
+
+    site: Site | None
+    num_workers: int
+    pin_memory: bool
+    batch_size: int | None
+    iterated_at: Site | None
+    wait_s: float = 0.0
+
+
+@dataclass(slots=True)
+class OptimizerInfo:
+    """An optimizer stepped in the window."""
+
+    site: Site | None
+    step_site: Site | None
+    name: str
+    fused: bool | None
+    foreach: bool | None
+    n_tensors: int
+    optimizer: Any = field(repr=False)
+    step_s: float = 0.0
+
+
+@dataclass(slots=True)
+class ForwardInfo:
+    """A top-level module call seen in the window."""
+
+    site: Site | None
+    module: Any = field(repr=False)
+    args: tuple[Any, ...] = field(repr=False)
+    training: bool
+    grad_enabled: bool
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Measurements:
+    """Everything the rules read. Times are per optimizer step, in milliseconds."""
+
+    device: str
+    steps: int
+    step_ms: float  # profiled window, mean
+    baseline_step_ms: float | None  # unprofiled warm-up steps, median
+    phases_ms: dict[str, float]
+    profile: ProfileSummary
+    attribution: Attribution
+    loop_site: Site | None  # the user's optimizer.step() line
+    loaders: list[LoaderInfo]
+    optimizers: list[OptimizerInfo]
+    forwards: list[ForwardInfo]
+    zero_grads: list[tuple[Site | None, bool, float]]  # (site, set_to_none, seconds/step)
+    compile_sites: list[Site | None]
+    compile: dict[str, Any]
+    threads: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_forward(self) -> ForwardInfo | None:
+        """The costliest top-level forward run in training mode with grad: the model."""
+        train = [f for f in self.forwards if f.training and f.grad_enabled]
+        return max(train, key=lambda f: f.seconds) if train else None
+
+
+def _dynamo_snapshot() -> dict[str, Any]:
+    """torch.compile's counters, if torch._dynamo was imported by the user (we never import it)."""
+    if "torch._dynamo" not in sys.modules:
+        return {}
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    return {
+        "frames": int(counters["frames"].get("total", 0)),
+        "graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": dict(counters["graph_break"]),
+        "compile_s": float(sum(compilation_time_metrics.get("_compile.compile_inner", []))),
+    }
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class Doctor:
+    """Profile a window of a training run and explain what to change.
+
+    Example (a plain loop; ``stoker doctor script.py`` does the same for a whole script)::
+
+        doctor = Doctor(DoctorConfig(warmup_steps=2, window_steps=3)).attach()
+        for x, y in loader:
+            ...; optimizer.step(); optimizer.zero_grad()
+        doctor.detach()
+        print(doctor.report().render_text())
+    """
+
+    stop_exception = WindowComplete
+
+    def __init__(self, config: DoctorConfig | None = None) -> None:
+        self.config = config or DoctorConfig()
+        self.steps = 0
+        self.failed: BaseException | None = None
+        self.compile_sites: list[Site | None] = []
+        self.thread_sites: list[tuple[Site | None, int]] = []
+        self.in_window = False
+        self.active = False
+        self._auto_step = False
+        self._undo: Any = None
+        self._undo_window: Any = None
+        self._next = 0
+        self._phase = "idle"
+        self._t_last = 0.0
+        self._baseline: list[float] = []
+        self._window: list[float] = []
+        self._acc: dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0,
+                                       "optimizer": 0.0}
+        self._loaders: dict[int, LoaderInfo] = {}
+        self._optimizers: dict[int, OptimizerInfo] = {}
+        self._forwards: dict[tuple[int, bool, bool], ForwardInfo] = {}
+        self._fwd_stack: list[tuple[Any, tuple[Any, ...], Site | None, bool, bool]] = []
+        self._zero: dict[tuple[Site | None, bool], float] = {}
+        self._primary: int | None = None
+        self._opt_t0 = 0.0
+        self._loop_site: Site | None = None
+        self._prof: Any = None
+        self._summary: ProfileSummary | None = None
+        self._attr = Attribution()
+        self._mode: AttributionMode | None = None
+        self._dyn0: dict[str, Any] = {}
+        self._dyn1: dict[str, Any] = {}
+        self._report: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, *, auto_step: bool = True) -> Doctor:
+        """Start listening. ``auto_step``: count steps from any optimizer's ``step()``."""
+        if _ACTIVE:
+            raise StokerError(
+                "a Doctor is already attached in this process; call .detach() on it first"
+            )
+        _ACTIVE.append(self)
+        self._auto_step = auto_step
+        self._undo = hooks.install(self, auto_step=auto_step)
+        self.active = True
+        self._phase = "warmup"
+        self._next = max(1, self.config.warmup_steps - 3)
+        if self.config.warmup_steps == 0:
+            self._next = 0
+            self._start_window()
+        return self
+
+    def detach(self) -> None:
+        """Stop listening and stop any profiling still running. Idempotent."""
+        self._end_mode()
+        if self.in_window:
+            self._stop_profiler()
+        if self._undo_window is not None:
+            self._undo_window()
+            self._undo_window = None
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+        self.active = False
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    @property
+    def done(self) -> bool:
+        """True once the window and the attribution steps are complete."""
+        return self._phase == "done"
+
+    def fail(self, exc: BaseException) -> None:
+        """Disable the doctor after an internal error; the user's run goes on untouched."""
+        if self.failed is None:
+            log.warning("stoker doctor disabled itself after an internal error: %r", exc)
+            self.failed = exc
+        try:
+            self.detach()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ the per-step call
+    def step(self) -> None:
+        """Mark the end of one optimizer step. Cheap outside the window: no sync, no allocation."""
+        self.steps += 1
+        if self.steps >= self._next and self.active:
+            try:
+                self._advance()
+            except WindowComplete:
+                raise
+            except Exception as exc:
+                self.fail(exc)
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        cfg = self.config
+        if self._phase == "warmup":
+            if self._t_last and self.steps > 1:
+                self._baseline.append(now - self._t_last)
+            self._t_last = now
+            self._next = self.steps + 1
+            if self.steps >= cfg.warmup_steps:
+                self._start_window()
+            return
+        if self._phase == "window":
+            self._window.append(now - self._t_last)
+            self._t_last = now
+            self._next = self.steps + 1
+            if len(self._window) >= cfg.window_steps:
+                self._stop_profiler()
+                self._start_attribution()
+            return
+        if self._phase == "attribution":
+            self._attr.steps += 1
+            if self._mode is not None:
+                self._mode.step += 1
+            self._next = self.steps + 1
+            if self._attr.steps >= cfg.attribution_steps:
+                self._finish()
+
+    def _start_window(self) -> None:
+        self._phase = "window"
+        self._dyn0 = _dynamo_snapshot()
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self._prof = profile(
+            activities=activities, record_shapes=True, with_stack=self.config.with_stack
+        )
+        self._prof.__enter__()
+        self._undo_window = hooks.install_window(self)
+        self.in_window = True
+        self._t_last = time.perf_counter()
+        self._next = self.steps + 1
+
+    def _stop_profiler(self) -> None:
+        self.in_window = False
+        if self._undo_window is not None:
+            self._undo_window()
+            self._undo_window = None
+        prof, self._prof = self._prof, None
+        if prof is None:
+            return
+        prof.__exit__(None, None, None)
+        self._dyn1 = _dynamo_snapshot()
+        steps = max(1, len(self._window))
+        self._summary = summarize_events(prof.profiler.kineto_results.events(), steps)
+        if self.config.trace_path:
+            prof.export_chrome_trace(self.config.trace_path)
+
+    def _start_attribution(self) -> None:
+        self._phase = "attribution"
+        if self.config.attribution_steps == 0:
+            self._finish()
+            return
+        self._mode = AttributionMode(self._attr, self._grad_ids())
+        self._mode.__enter__()
+
+    def _end_mode(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def _finish(self) -> None:
+        self._end_mode()
+        self._phase = "done"
+        self._next = sys.maxsize
+        if self.config.stop_after_window:
+            raise WindowComplete
+
+    def _grad_ids(self) -> set[int]:
+        ids = set()
+        for info in self._optimizers.values():
+            for group in info.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        ids.add(id(p.grad))
+        return ids
+
+    # ------------------------------------------------------------------ listeners
+    def on_optimizer_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._primary is None:
+            self._primary = id(opt)
+        if self.in_window:
+            self._opt_t0 = time.perf_counter()
+        if self._loop_site is None or self._phase == "window":
+            self._loop_site = self._loop_site or caller_site()
+        if self._mode is not None:
+            self._mode.grad_ids |= self._grad_ids()
+
+    def on_optimizer_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self.in_window:
+            seconds = time.perf_counter() - self._opt_t0
+            self._acc["optimizer"] += seconds
+            info = self._optimizers.get(id(opt))
+            if info is None:
+                defaults = getattr(opt, "defaults", {})
+                info = self._optimizers[id(opt)] = OptimizerInfo(
+                    site=hooks.site_of(opt),
+                    step_site=caller_site(),
+                    name=type(opt).__name__,
+                    fused=defaults.get("fused"),
+                    foreach=defaults.get("foreach"),
+                    n_tensors=sum(len(g["params"]) for g in opt.param_groups),
+                    optimizer=opt,
+                )
+            info.step_s += seconds
+        if id(opt) == self._primary:
+            self.step()
+
+    def on_data_wait(self, it: Any, seconds: float) -> None:
+        self._acc["data"] += seconds
+        ref = getattr(it, "_stoker_doctor_loader", None)
+        loader = ref() if ref is not None else None
+        key = id(loader) if loader is not None else id(type(it))
+        info = self._loaders.get(key)
+        if info is None:
+            info = self._loaders[key] = LoaderInfo(
+                site=hooks.site_of(loader) if loader is not None else None,
+                num_workers=int(getattr(it, "_num_workers", 0)),
+                pin_memory=bool(getattr(it, "_pin_memory", False)),
+                batch_size=getattr(loader, "batch_size", None),
+                iterated_at=caller_site(2),
+            )
+        info.wait_s += seconds
+
+    def on_forward_start(self, module: Any, args: tuple[Any, ...]) -> None:
+        self._fwd_stack.append(
+            (module, args, caller_site(3), bool(module.training), torch.is_grad_enabled())
+        )
+
+    def on_forward_end(self, module: Any, seconds: float) -> None:
+        if not self._fwd_stack:
+            return
+        _, args, site, training, grad = self._fwd_stack.pop()
+        self._acc["forward"] += seconds
+        key = (id(module), training, grad)
+        info = self._forwards.get(key)
+        if info is None:
+            captured = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            info = self._forwards[key] = ForwardInfo(
+                site=site, module=module, args=captured, training=training, grad_enabled=grad
+            )
+        info.calls += 1
+        info.seconds += seconds
+
+    def on_backward(self, seconds: float) -> None:
+        if self.in_window:
+            self._acc["backward"] += seconds
+
+    def on_zero_grad(self, obj: Any, set_to_none: bool, site: Site | None, seconds: float) -> None:
+        if self.in_window:
+            key = (site, bool(set_to_none))
+            self._zero[key] = self._zero.get(key, 0.0) + seconds
+
+    # ------------------------------------------------------------------ results
+    def measurements(self) -> Measurements:
+        """The numbers of the completed window; raises StokerError when there is no window."""
+        if self.failed is not None:
+            raise StokerError(
+                f"the doctor disabled itself after an internal error ({self.failed!r}); "
+                "the run itself was not affected — please report this"
+            )
+        if self._summary is None:
+            raise StokerError(
+                f"the run took {self.steps} optimizer step(s), fewer than the doctor needs to "
+                f"profile ({self.config.warmup_steps} warm-up + {self.config.window_steps} "
+                "profiled); lower warmup_steps/window_steps or run more steps"
+            )
+        steps = max(1, len(self._window))
+        step_ms = 1e3 * sum(self._window) / steps
+        phases = {k: 1e3 * v / steps for k, v in self._acc.items()}
+        phases["host_sync"] = self._summary.sync_ms
+        other = step_ms - sum(phases[k] for k in ("data", "forward", "backward", "optimizer"))
+        phases["other"] = max(0.0, other - phases["host_sync"])
+        baseline = sorted(self._baseline)
+        device = "cpu"
+        for f in self._forwards.values():
+            p = next(iter(f.module.parameters()), None)
+            if p is not None:
+                device = p.device.type
+                break
+        env_threads = os.environ.get("OMP_NUM_THREADS")
+        return Measurements(
+            device=device,
+            steps=steps,
+            step_ms=step_ms,
+            baseline_step_ms=1e3 * baseline[len(baseline) // 2] if baseline else None,
+            phases_ms=phases,
+            profile=self._summary,
+            attribution=self._attr,
+            loop_site=self._loop_site,
+            loaders=list(self._loaders.values()),
+            optimizers=list(self._optimizers.values()),
+            forwards=list(self._forwards.values()),
+            zero_grads=[(s, n, 1e3 * t / steps) for (s, n), t in self._zero.items()],
+            compile_sites=list(self.compile_sites),
+            compile={"before": self._dyn0, "after": self._dyn1},
+            threads={
+                "intra_op": torch.get_num_threads(),
+                "cores": _cores(),
+                "set_at": self.thread_sites[-1] if self.thread_sites else None,
+                "omp_env": env_threads,
+            },
+        )
+
+    def report(self) -> Any:
+        """Measure, probe, apply the rules; returns a :class:`~stoker.doctor.report.Report`."""
+        if self._report is None:
+            from stoker.doctor.probes import run_probes
+            from stoker.doctor.report import Report
+            from stoker.doctor.rules import diagnose
+
+            m = self.measurements()
+            probes = run_probes(m) if self.config.probes else {}
+            self._report = Report.build(m, probes, diagnose(m, probes))
+        return self._report
