@@ -9,9 +9,8 @@ from stoker.runtime.launch import LaunchConfig, torchrun_argv
 
 
 def _stoker(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "stoker", *args], capture_output=True, text=True, timeout=120, cwd=cwd
-    )
+    command = [sys.executable, "-m", "stoker", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def _one_error_line(done, match):

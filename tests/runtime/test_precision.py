@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ def test_auto_follows_the_hardware():
 def test_this_machine_has_fast_bf16():
     # The development and CI machines are AMX Xeons; if this fails, `auto` silently fell back
     # to fp32 and every bf16 number in the README is stale.
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     if "amx_bf16" not in flags and "avx512_bf16" not in flags:
         pytest.skip("not an AMX / AVX512-BF16 CPU")
     assert has_fast_bf16(CPU)

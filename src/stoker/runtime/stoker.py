@@ -112,19 +112,19 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self._stoker = stoker
 
     # The state lives in the wrapped optimizer; these keep schedulers and user code working.
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         return self.optimizer.state
 
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
         return self.optimizer.defaults
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         stoker = self._stoker
         if not stoker.sync_gradients:
             return None
@@ -354,7 +354,7 @@ class Stoker:
         self._params.extend(p for p in model.parameters() if p.requires_grad)
         dtype = self.policy.autocast_dtype
         if dtype is not None and not getattr(model.forward, "_stoker_autocast", False):
-            model.forward = _autocast_forward(model.forward, self.device.type, dtype)  # type: ignore[method-assign]
+            model.forward = _autocast_forward(model.forward, self.device.type, dtype)
         wrapped: nn.Module = model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
