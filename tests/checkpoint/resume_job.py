@@ -61,9 +61,16 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=7)
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--forget-sampler", action="store_true", help="a deliberately bad resume")
+    parser.add_argument(
+        "--fast-start",
+        action="store_true",
+        help="skip torch.use_deterministic_algorithms (it imports the compiler stack: ~2 s); "
+        "the CPU kernels used here are deterministic either way",
+    )
     args = parser.parse_args()
 
-    torch.use_deterministic_algorithms(True)
+    if not args.fast_start:
+        torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -76,7 +83,9 @@ def main() -> None:
 
     data_x = torch.randn(96, 16, generator=torch.Generator().manual_seed(0))
     data_y = torch.randint(0, 4, (96,), generator=torch.Generator().manual_seed(1))
-    model: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 4))
+    model: nn.Module = nn.Sequential(
+        nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 4)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     if world > 1:

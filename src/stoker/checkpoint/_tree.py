@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stoker.errors import StokerError
+from stoker.checkpoint.errors import CheckpointError
 
 __all__ = ["TAG", "decode", "encode"]
 
@@ -57,12 +57,12 @@ class _Encoder:
         if seen is not None:
             return {TAG: "tensor", "name": seen}
         if t.layout != torch.strided:
-            raise StokerError(
+            raise CheckpointError(
                 f"cannot checkpoint {path}: a {t.layout} tensor; convert it with .to_dense() "
                 "or keep it out of the checkpoint state"
             )
         if t.is_quantized:
-            raise StokerError(
+            raise CheckpointError(
                 f"cannot checkpoint {path}: a quantized tensor ({t.dtype}); save its "
                 "int_repr(), q_scale() and q_zero_point() instead"
             )
@@ -99,7 +99,7 @@ class _Encoder:
             return {TAG: "dtype", "name": str(obj).removeprefix("torch.")}
         if isinstance(obj, torch.device):
             return {TAG: "device", "name": str(obj)}
-        raise StokerError(
+        raise CheckpointError(
             f"cannot checkpoint {path}: a {type(obj).__module__}.{type(obj).__qualname__} is "
             "neither plain data (dict/list/tuple/str/int/float/bool/None/tensor/ndarray) nor an "
             "object with state_dict()/load_state_dict(); convert it, since checkpoints never "
@@ -112,13 +112,13 @@ class _Encoder:
         items = []
         for k, v in obj.items():
             if isinstance(k, torch.Tensor | np.ndarray):
-                raise StokerError(f"cannot checkpoint {path}: a dict key is an array ({k!r})")
+                raise CheckpointError(f"cannot checkpoint {path}: a dict key is an array ({k!r})")
             items.append([self(k, f"{path}/key"), self(v, f"{path}/{k}")])
         return {TAG: "dict", "items": items}
 
     def ndarray(self, arr: np.ndarray, path: str) -> dict[str, Any]:
         if arr.dtype.hasobject:
-            raise StokerError(
+            raise CheckpointError(
                 f"cannot checkpoint {path}: a NumPy array of Python objects; "
                 "convert it to a numeric array or a list"
             )

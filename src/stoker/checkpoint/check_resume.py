@@ -233,7 +233,9 @@ def check_resume(
                 "does the script call Checkpointer.maybe_save(step, ...) every step? "
                 f"Its last output:\n{_tail(done.stderr or done.stdout)}"
             )
-        echo(f"    killed at step {k}; restarting")
+        newest = latest_valid(res_dir / "checkpoints")
+        since = f"resumes from {newest.name}" if newest else "no checkpoint yet: restarts from 0"
+        echo(f"    killed at step {k}; {since}")
     done = _launch(cmd, res_dir, config.timeout_s, None)
     if done.returncode != 0:
         raise StokerError(

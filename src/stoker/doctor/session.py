@@ -219,6 +219,8 @@ class Doctor:
         self._summary: ProfileSummary | None = None
         self._attr = Attribution()
         self._mode: AttributionMode | None = None
+        self._dynamo_was_disabled = False
+        self._dyn_attach: dict[str, Any] = {}
         self._dyn0: dict[str, Any] = {}
         self._dyn1: dict[str, Any] = {}
         self._report: Any = None
@@ -233,6 +235,7 @@ class Doctor:
         _ACTIVE.append(self)
         self._auto_step = auto_step
         self._undo = hooks.install(self, auto_step=auto_step)
+        self._dyn_attach = _dynamo_snapshot()
         self.active = True
         self._phase = "warmup"
         self._next = max(1, self.config.warmup_steps - 3)
@@ -345,6 +348,9 @@ class Doctor:
         if self.config.attribution_steps == 0:
             self._finish()
             return
+        # Compiled code runs eagerly during these steps: the recorder sees every call, and
+        # torch.compile neither traces the recorder nor recompiles for it.
+        self._dynamo_disable(True)
         self._mode = AttributionMode(self._attr, self._grad_ids())
         self._mode.__enter__()
 
@@ -352,6 +358,18 @@ class Doctor:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+            self._dynamo_disable(False)
+
+    def _dynamo_disable(self, disable: bool) -> None:
+        if "torch._dynamo" not in sys.modules:
+            return
+        import torch._dynamo
+
+        if disable:
+            self._dynamo_was_disabled = torch._dynamo.config.disable
+            torch._dynamo.config.disable = True
+        else:
+            torch._dynamo.config.disable = self._dynamo_was_disabled
 
     def _finish(self) -> None:
         self._end_mode()
@@ -487,7 +505,7 @@ class Doctor:
             forwards=list(self._forwards.values()),
             zero_grads=[(s, n, 1e3 * t / steps) for (s, n), t in self._zero.items()],
             compile_sites=list(self.compile_sites),
-            compile={"before": self._dyn0, "after": self._dyn1},
+            compile={"attach": self._dyn_attach, "before": self._dyn0, "after": self._dyn1},
             threads={
                 "intra_op": torch.get_num_threads(),
                 "cores": _cores(),

@@ -1,0 +1,192 @@
+"""Train a masked-language model on the Python standard library's own source, with stoker.
+
+    python examples/train_mlm.py                       # the README's main job, CPU, minutes
+    python examples/train_mlm.py --steps 20            # a smoke run
+    stoker run --nproc 2 examples/train_mlm.py         # the same loop on two processes
+
+A plain PyTorch loop: stoker appears in five places (Stoker, prepare, accumulate, backward,
+clip_grad_norm_). The corpus is one document per top-level definition of the stdlib; the
+tokenizer (byte-level BPE) is trained on first use and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from stoker import Stoker
+from stoker.data.mlm import (
+    MLMCollator,
+    chunk_documents,
+    mlm_accuracy,
+    mlm_loss,
+    pad_batch,
+    unigram_baseline,
+)
+from stoker.data.tokenizer import load_token_documents, load_tokenizer
+from stoker.models import Encoder, EncoderConfig
+from stoker.schedules import warmup_cosine
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--max-len", type=int, default=128, help="tokens per row")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per micro-batch per process")
+    p.add_argument("--accumulation-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=100, help="validation batches (0: all)")
+    p.add_argument("--log-every", type=int, default=25, help="steps between progress updates")
+    return p.parse_args(argv)
+
+
+def make_loader(docs, args, vocab_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    rows = chunk_documents(docs, args.max_len)
+    collate = MLMCollator(
+        functools.partial(pad_batch, max_len=args.max_len), vocab_size=vocab_size, seed=seed
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        rows, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
+
+
+def model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "attention_mask", "document_ids", "position_ids", "predict_positions")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+@torch.no_grad()
+def evaluate(model, loader, stoker: Stoker, max_batches: int) -> tuple[float, float]:
+    """Masked-token accuracy and mean loss on the validation split (all ranks' shards)."""
+    model.eval()
+    correct = counted = loss_sum = torch.zeros((), device=stoker.device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        logits = model(**model_inputs(batch))
+        loss, n = mlm_loss(logits, batch["labels"])
+        hits, total = mlm_accuracy(logits, batch["labels"])
+        correct, counted, loss_sum = correct + hits, counted + total, loss_sum + loss * n
+    model.train()
+    correct, counted, loss_sum = (stoker.reduce(t, "sum") for t in (correct, counted, loss_sum))
+    return (correct / counted).item(), (loss_sum / counted).item()
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    stoker = Stoker(
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        accumulation_steps=args.accumulation_steps,
+        seed=args.seed,
+    )
+    console = Console(stderr=True, quiet=not stoker.is_main)
+
+    # Data: the stdlib source, split by file-path hash, tokenized once and cached.
+    tokenizer = load_tokenizer(progress=stoker.is_main)
+    vocab_size = tokenizer.get_vocab_size()
+    train_docs = load_token_documents("train", tokenizer=tokenizer, progress=stoker.is_main)
+    val_docs = load_token_documents("validation", tokenizer=tokenizer, progress=stoker.is_main)
+    train_loader = make_loader(train_docs, args, vocab_size, shuffle=True, seed=args.seed)
+    val_loader = make_loader(val_docs, args, vocab_size, shuffle=False, seed=1234)
+
+    config = EncoderConfig.preset(args.preset, vocab_size=vocab_size, max_len=args.max_len)
+    model = Encoder(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
+    warmup = min(args.warmup, args.steps // 10)
+    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=args.steps)
+    model, optimizer, train_loader, val_loader, scheduler = stoker.prepare(
+        model, optimizer, train_loader, val_loader, scheduler=scheduler
+    )
+    console.print(
+        f"stoker: {config.dim}x{config.layers} encoder ({model_size(stoker.unwrap(model))}), "
+        f"{len(train_docs)} train documents, {stoker.settings}",
+        soft_wrap=True,
+    )
+
+    # The loop. Loss and token counts stay on the device; the progress bar reads them every
+    # --log-every steps (one host sync per interval, none per step).
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not stoker.is_main,
+    )
+    loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
+    seen = 0
+    started = window_start = time.perf_counter()
+    with progress:
+        task = progress.add_task("train", total=args.steps, loss="-", speed="-")
+        while stoker.step < args.steps:
+            for batch in train_loader:
+                with stoker.accumulate(model):
+                    logits = model(**model_inputs(batch))
+                    loss, n = mlm_loss(logits, batch["labels"])
+                    stoker.backward(loss, tokens=n)
+                    stoker.clip_grad_norm_(1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                loss_sum, predicted = loss_sum + loss.detach() * n, predicted + n
+                tokens = tokens + batch["valid"].sum()
+                if not stoker.sync_gradients:
+                    continue
+                progress.advance(task)
+                if stoker.step % args.log_every == 0 or stoker.step == args.steps:
+                    window_tokens = stoker.reduce(tokens, "sum").item()
+                    seen += window_tokens
+                    speed = window_tokens / (time.perf_counter() - window_start)
+                    loss_avg = (stoker.reduce(loss_sum, "sum") / stoker.reduce(predicted, "sum")).item()
+                    progress.update(task, loss=f"{loss_avg:.3f}", speed=f"{speed:,.0f}")
+                    loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
+                    window_start = time.perf_counter()
+                if stoker.step >= args.steps:
+                    break
+    train_seconds = time.perf_counter() - started
+
+    accuracy, val_loss = evaluate(model, val_loader, stoker, args.eval_batches)
+    baseline = unigram_baseline(train_docs, val_docs, vocab_size=vocab_size)
+    results = {
+        "steps": stoker.step,
+        "train_seconds": train_seconds,
+        "tokens_per_second": seen / train_seconds,
+        "val_accuracy": accuracy,
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "unigram_accuracy": baseline.accuracy,
+        "unigram_loss": baseline.loss,
+    }
+    console.print(
+        f"validation masked-token accuracy {accuracy:.1%} (loss {val_loss:.3f}) vs unigram "
+        f"baseline {baseline.accuracy:.1%} (loss {baseline.loss:.3f}); "
+        f"{stoker.step} steps in {train_seconds:.0f} s, {seen / train_seconds:,.0f} tokens/s",
+        soft_wrap=True,
+    )
+    return results
+
+
+def model_size(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Planted cpu-threads: one intra-op thread on a multi-core CPU. `--clean`: the default."""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+CLEAN = "--clean" in sys.argv
+if not CLEAN:
+    torch.set_num_threads(1)  # PLANTED
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(4096, 512), torch.randn(4096, 512))
+loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
+model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+for epoch in range(10):
+    for x, y in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()

@@ -1,0 +1,22 @@
+"""Planted small-batch: 8 samples per step. `--clean`: 512."""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+CLEAN = "--clean" in sys.argv
+BATCH = 512 if CLEAN else 8
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
+loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), BATCH, True), batch_size=None)  # PLANTED
+model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+for epoch in range(10):
+    for x, y in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()

@@ -1,0 +1,22 @@
+"""Planted unfused-optimizer: AdamW's per-tensor loop on CPU. `--clean`: fused=True."""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+CLEAN = "--clean" in sys.argv
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
+loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
+layers = [nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256)) for _ in range(8)]
+model = nn.Sequential(*layers)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=CLEAN or None)  # PLANTED
+for epoch in range(10):
+    for x, y in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
