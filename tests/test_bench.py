@@ -135,7 +135,7 @@ def test_json_contents_round_trip(tmp_path: Path) -> None:
     assert path is not None and path.parent == tmp_path and path.name.startswith("unit-")
     data = json.loads(path.read_text())
     assert data["benchmark"] == "unit"
-    assert data["config"] == {"warmup": 1, "repeats": 3, "quick": False}
+    assert data["config"] == {"warmup": 1, "repeats": 3, "quick": False, "clock": "wall"}
     assert data["meta"] == {"size": 7}
     (comp,) = data["comparisons"]
     cand = comp["candidates"][0]
@@ -234,6 +234,29 @@ def test_candidate_that_leaks_process_state_is_refused() -> None:
             quiet_bench().compare("leak", {"leaky": leaky})
     finally:
         torch.set_num_threads(threads)
+
+
+def test_thread_clock_ignores_time_spent_off_cpu() -> None:
+    def busy() -> None:
+        sum(range(50_000))
+
+    def busy_then_wait() -> None:
+        sum(range(50_000))
+        time.sleep(0.005)  # descheduled, as when another process takes the core
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = BenchConfig(warmup=0, repeats=3, out_dir=None, clock="thread")
+        bench = Bench("thread", cfg, quiet=True)
+        assert torch.get_num_threads() == 1  # all the work on the measured thread
+        cands = {"busy": busy, "waits": busy_then_wait}
+        assert bench.compare("cpu", cands)["waits"].ratio < 1.5
+    finally:
+        torch.set_num_threads(threads)
+    wall = quiet_bench().compare("wall", cands)
+    assert wall["waits"].ratio > 1.5
+    with pytest.raises(StokerError, match="clock='gpu'"):
+        BenchConfig(clock="gpu")
 
 
 def test_returned_work_must_be_a_number() -> None:

@@ -43,7 +43,7 @@ def test_async_save_resume_is_bitwise_exact(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_sigkill_and_resume_is_bitwise_exact(tmp_path):
     result = _check(tmp_path, ["--steps", "20", "--every", "4"], kills=1, seed=11, nproc=2)
-    assert 4 < result.kill_steps[0]
+    assert result.kill_steps[0] > 4
     assert result.identical, result.differences
     ranks = {p.name for p in (result.resumed_dir / "checkpoints").glob("*/rank-*.json")}
     assert ranks == {"rank-00000.json", "rank-00001.json"}

@@ -8,14 +8,14 @@ import torch
 
 from stoker.checkpoint import (
     CheckpointConfig,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     CheckpointWarning,
+    _files,
     latest_valid,
     load,
     save,
 )
-from stoker.checkpoint import _files
 
 
 def _full_disk_after(monkeypatch, budget):

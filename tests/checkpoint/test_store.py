@@ -75,7 +75,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_data(tmp_path):
 
 
 def test_weights_file_is_plain_safetensors_with_tied_weight_stored_once(tmp_path):
-    model, opt, _ = _trained()
+    model, _, _ = _trained()
     path = save(tmp_path / "ckpt", {"model": model})
     weights = load_file(path / "model.safetensors")
     assert "emb.weight" in weights and "out.weight" not in weights  # alias in metadata

@@ -109,8 +109,9 @@ def test_load_documents_on_a_tree(tmp_path: Path):
     train, val = load_documents("train", config), load_documents("validation", config)
     rels = {r for r, _ in corpus_files(config)}
     assert "test/test_x.py" not in rels and "site-packages/foreign.py" not in rels
-    assert "test/test_x.py" in {r for r, _ in corpus_files(CorpusConfig(root=str(tmp_path),
-                                                                          include_tests=True))}
+    assert "test/test_x.py" in {
+        r for r, _ in corpus_files(CorpusConfig(root=str(tmp_path), include_tests=True))
+    }
     assert {d.path for d in train}.isdisjoint({d.path for d in val})
     assert len(train) + len(val) == 40 * 3 + 1
     assert any(d.text == "# -*- coding: latin-1 -*-\ns = 'été'\n" for d in train + val)

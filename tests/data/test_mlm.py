@@ -99,8 +99,9 @@ def test_deterministic_for_a_seed():
 
 def test_bad_shapes_raise():
     with pytest.raises(StokerError, match="same shape"):
-        mask_tokens(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool),
-                    vocab_size=V)
+        mask_tokens(
+            torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool), vocab_size=V
+        )
 
 
 def test_pad_batch_and_chunk_documents():
@@ -109,8 +110,9 @@ def test_pad_batch_and_chunk_documents():
     assert out["input_ids"].shape == (2, 8) and out["input_ids"].dtype == torch.long
     assert out["input_ids"][0].tolist() == list(range(2, 10))  # truncated at max_len
     assert out["input_ids"][1].tolist() == [2, 3, 4, 0, 0, 0, 0, 0]
-    assert out["valid"].sum(1).tolist() == [8, 3] and torch.equal(out["attention_mask"],
-                                                                 out["valid"])
+    assert out["valid"].sum(1).tolist() == [8, 3] and torch.equal(
+        out["attention_mask"], out["valid"]
+    )
     assert pad_batch(docs[1:], max_len=8)["input_ids"].shape == (1, 3)  # longest in batch
 
     pieces = chunk_documents([np.arange(9), np.arange(2)], max_len=4, min_len=2)
@@ -128,8 +130,14 @@ def test_collator_wraps_layout_and_is_deterministic():
 
     collate = MLMCollator(layout, vocab_size=V, seed=1)
     out = collate(docs)
-    assert set(out) == {"input_ids", "valid", "attention_mask", "document_ids",
-                        "predict_positions", "labels"}
+    assert set(out) == {
+        "input_ids",
+        "valid",
+        "attention_mask",
+        "document_ids",
+        "predict_positions",
+        "labels",
+    }
     assert out["predict_positions"].shape == (4, 10)
     fresh = MLMCollator(layout, vocab_size=V, seed=1)(docs)
     assert torch.equal(out["input_ids"], fresh["input_ids"])
@@ -142,8 +150,9 @@ def test_collator_wraps_layout_and_is_deterministic():
     assert torch.equal(collate(docs)["labels"], other_epoch(docs)["labels"])
 
     with pytest.raises(StokerError, match="'valid'"):
-        MLMCollator(lambda b: {"input_ids": torch.zeros(1, 4, dtype=torch.long)},
-                    vocab_size=V)(docs)
+        MLMCollator(lambda b: {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, vocab_size=V)(
+            docs
+        )
 
 
 def test_collator_in_dataloader_workers_differs_per_worker():

@@ -99,8 +99,10 @@ def test_backward_and_tied_head(model: Encoder):
 
 
 def test_presets_and_config_errors():
-    sizes = {n: Encoder(EncoderConfig.preset(n, vocab_size=8192)).num_parameters()
-             for n in ("tiny", "small")}
+    sizes = {
+        n: Encoder(EncoderConfig.preset(n, vocab_size=8192)).num_parameters()
+        for n in ("tiny", "small")
+    }
     assert sizes["tiny"] < sizes["small"]
     base = EncoderConfig.preset("base", vocab_size=8192)
     non_emb = 12 * base.layers * base.dim**2  # ~85 M, BERT-base's encoder stack

@@ -15,19 +15,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps to skip first (default 5)")
     parser.add_argument("--steps", type=int, default=5, help="steps to profile (default 5)")
     parser.add_argument(
-        "--attribution-steps", type=int, default=2,
+        "--attribution-steps",
+        type=int,
+        default=2,
         help="steps after the window spent finding which line does what (default 2)",
     )
     parser.add_argument(
-        "--full-run", action="store_true",
+        "--full-run",
+        action="store_true",
         help="let the script run to its end after the window (default: stop it cleanly there)",
     )
-    parser.add_argument("--no-probes", action="store_true",
-                        help="don't time the suggested fixes on the captured model")
-    parser.add_argument("--json", default="doctor.json", metavar="PATH",
-                        help="where to write the JSON report (a file or directory; '' for none)")
-    parser.add_argument("--trace", default=None, metavar="PATH",
-                        help="also write the window's Chrome/Perfetto trace here")
+    parser.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="don't time the suggested fixes on the captured model",
+    )
+    parser.add_argument(
+        "--json",
+        default="doctor.json",
+        metavar="PATH",
+        help="where to write the JSON report (a file or directory; '' for none)",
+    )
+    parser.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH",
+        help="also write the window's Chrome/Perfetto trace here",
+    )
     parser.add_argument("script", help="the training script (plain PyTorch is fine)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -42,8 +56,10 @@ def main(args: argparse.Namespace) -> int:
         trace_path=args.trace,
     )
     if not args.full_run:
-        print(f"stoker doctor: running {os.path.basename(args.script)} for "
-              f"{config.total_steps} optimizer steps, then stopping it (--full-run to finish)")
+        print(
+            f"stoker doctor: running {os.path.basename(args.script)} for "
+            f"{config.total_steps} optimizer steps, then stopping it (--full-run to finish)"
+        )
     report = diagnose_script(args.script, [*args.script_args, *args.extra], config)
     report.print()
     if args.json:

@@ -85,7 +85,7 @@ def summarize(real: np.ndarray | Sequence[Sequence[int]],
         waiting = 0.0
     else:
         most, least = real_a.max(axis=0), real_a.min(axis=0)
-        ratio = most / np.maximum(least, 1)  # a rank with no real token counts as one
+        ratio = np.maximum(most, 1) / np.maximum(least, 1)  # zero tokens count as one
         waiting = 1.0 - float(real_a.mean(axis=0).sum()) / max(int(most.sum()), 1)
     return RaggedSummary(
         steps=steps,

@@ -96,51 +96,49 @@ class PackingConfig:
 def pack_rows(lengths: Sequence[int], config: PackingConfig) -> list[list[Segment]]:
     """Place documents of ``lengths`` into rows of ``config.max_len``; ``rows[r]`` = segments.
 
-    Pieces (see :class:`PackingConfig`) are taken longest first (ties: input order) and each
-    goes into the open row with the least free space that still fits it (best fit), else into a
-    new row. One rule on top: a row holds at most one remainder of a split document, so a split
-    document and the rows it touches never exceed ``rows_alone(length)``. Deterministic, and it
-    only looks at the rows' contents: packing a subset of the documents of some rows (in the
-    same relative order) reproduces those rows. For ``max_len=6``, ``[3, 2, 6]`` gives
+    A document's pieces (see :class:`PackingConfig`) are placed in this order: first the full
+    ``max_len`` pieces of split documents (a row each), then the remainders of split documents
+    (a new row each, so a split document and the rows it touches never exceed
+    ``rows_alone(length)``), then the unsplit documents, longest first, each into the open row
+    with the least free space that still fits it (best fit decreasing), else into a new row.
+    Ties keep input order. Deterministic, and a piece's place only depends on the rows' current
+    contents: packing the documents of some of the rows again (in the same relative order)
+    reproduces those rows. For ``max_len=6``, ``[3, 2, 6]`` gives
     ``[[(2, 0, 6)], [(0, 0, 3), (1, 0, 2)]]``.
+
+    Why remainders get rows of their own early: taken with the others, a split document's
+    short remainder would come late, find every row too full, and open a nearly empty row.
     """
     t = config.max_len
-    pieces: list[tuple[int, int, int, bool]] = []  # (doc, start, stop, is_split_remainder)
+    # (kind, -length, doc, start, stop): kind 0 = full piece, 1 = remainder, 2 = unsplit.
+    pieces: list[tuple[int, int, int, int, int]] = []
     for doc, length in enumerate(lengths):
         if config.long_documents == "truncate":
             if length:
-                pieces.append((doc, 0, min(length, t), False))
+                n = min(int(length), t)
+                pieces.append((2, -n, doc, 0, n))
             continue
         full, rest = divmod(int(length), t)
-        pieces.extend((doc, j * t, (j + 1) * t, False) for j in range(full))
+        pieces.extend((0, -t, doc, j * t, (j + 1) * t) for j in range(full))
         if rest:
-            pieces.append((doc, full * t, full * t + rest, full > 0))
-    pieces.sort(key=lambda p: p[1] - p[2])  # longest first; stable, so ties keep input order
+            pieces.append((1 if full else 2, -rest, doc, full * t, full * t + rest))
+    pieces.sort(key=lambda p: (p[0], p[1]))  # stable: ties keep input order
 
     rows: list[list[Segment]] = []
     # Open rows with free space, sorted by (free tokens, row index): bisect finds the best fit.
-    # `marked` rows already hold a split remainder and accept only unsplit pieces.
-    plain: list[tuple[int, int]] = []
-    marked: list[tuple[int, int]] = []
-    for doc, start, stop, remainder in pieces:
-        n = stop - start
-        best: tuple[int, int] | None = None
-        source = plain
-        for candidates in (plain,) if remainder else (plain, marked):
-            j = bisect.bisect_left(candidates, (n, -1))
-            if j < len(candidates) and (best is None or candidates[j] < best):
-                best, source = candidates[j], candidates
-        if best is None:
+    open_rows: list[tuple[int, int]] = []
+    for kind, neg_n, doc, start, stop in pieces:
+        n = -neg_n
+        j = bisect.bisect_left(open_rows, (n, -1))
+        if kind < 2 or j == len(open_rows):
             free, row = t - n, len(rows)
             rows.append([(doc, start, stop)])
-            target = marked if remainder else plain
         else:
-            source.remove(best)
-            free, row = best[0] - n, best[1]
+            free, row = open_rows.pop(j)
+            free -= n
             rows[row].append((doc, start, stop))
-            target = marked if remainder or source is marked else plain
         if free > 0:
-            bisect.insort(target, (free, row))
+            bisect.insort(open_rows, (free, row))
     return rows
 
 

@@ -13,6 +13,7 @@ conversions made inside torch (AdamW's CPU step counter calls ``.item()``) are n
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import types
@@ -29,14 +30,39 @@ __all__ = ["Attribution", "AttributionMode", "LineStats", "SyncStats"]
 
 # Tensor-to-Python conversions: each waits for the device (a host sync on CUDA).
 _SYNC_NAMES = frozenset(
-    {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "__repr__",
-     "__format__", "is_nonzero", "equal", "allclose"}
+    {
+        "item",
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "tolist",
+        "numpy",
+        "__repr__",
+        "__format__",
+        "is_nonzero",
+        "equal",
+        "allclose",
+    }
 )
 # Calls that sync only when the tensor lives on an accelerator (data-dependent output shapes).
 _DEVICE_SYNC_NAMES = frozenset({"cpu", "nonzero", "masked_select", "unique"})
 _MATMUL_NAMES = frozenset(
-    {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
-     "scaled_dot_product_attention", "__matmul__", "bilinear"}
+    {
+        "linear",
+        "matmul",
+        "mm",
+        "bmm",
+        "addmm",
+        "baddbmm",
+        "einsum",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "scaled_dot_product_attention",
+        "__matmul__",
+        "bilinear",
+    }
 )
 _ZERO_NAMES = frozenset({"zero_", "fill_", "mul_"})
 
@@ -79,7 +105,7 @@ class Attribution:
 
 
 def _user_chain(frame: types.FrameType | None) -> tuple[Site, ...]:
-    sites = []
+    sites: list[Site] = []
     while frame is not None and len(sites) < 8:
         code = frame.f_code
         if is_user_file(code.co_filename):
@@ -107,6 +133,7 @@ class AttributionMode(TorchFunctionMode):
         self.record = record
         self.grad_ids = grad_ids
         self.step = 0
+        self.loading = 0  # > 0 while a DataLoader fetches: its work is the loader's, not a line's
 
     def __torch_function__(
         self,
@@ -116,13 +143,13 @@ class AttributionMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if self.loading:
+            return func(*args, **kwargs)
         start = time.perf_counter()
         out = func(*args, **kwargs)
         elapsed = time.perf_counter() - start
-        try:
+        with contextlib.suppress(Exception):  # never break the user's step over bookkeeping
             self._record(func, args, elapsed)
-        except Exception:  # never break the user's step over bookkeeping
-            pass
         return out
 
     def _record(self, func: Any, args: tuple[Any, ...], elapsed: float) -> None:
@@ -136,7 +163,7 @@ class AttributionMode(TorchFunctionMode):
         # itself when it is a Python function (``Tensor.__repr__``, ``F.relu``): a user frame
         # means the user's line made this call directly, not through torch's own code.
         code = getattr(func, "__code__", None)
-        caller = frame
+        caller: types.FrameType | None = frame
         while caller is not None and (
             caller.f_code.co_filename.endswith("torch/overrides.py") or caller.f_code is code
         ):

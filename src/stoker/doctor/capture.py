@@ -18,10 +18,19 @@ __all__ = ["ProfileSummary", "summarize_events"]
 # Leaf matrix-product kernels (their callers like aten::linear/aten::matmul are not counted, to
 # count each product once).
 _MATMUL_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
-     "aten::mkldnn_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu",
-     "aten::cudnn_convolution", "aten::_scaled_dot_product_flash_attention",
-     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention"}
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_addmm_activation",
+        "aten::mkldnn_convolution",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::cudnn_convolution",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+    }
 )
 # The op every tensor-to-Python conversion ends in.
 _SYNC_OPS = frozenset({"aten::_local_scalar_dense"})
@@ -45,12 +54,17 @@ class ProfileSummary:
     device_busy_ms: float | None = None  # CUDA: kernel time (None on CPU)
     h2d_ms: float = 0.0  # CUDA: host-to-device copies
     h2d_pageable_ms: float = 0.0  # CUDA: ... of which from pageable (unpinned) memory
-    top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, ms/step, calls/step)
+    # (op name, ms per step, calls per step), costliest first
+    top_ops: list[tuple[str, float, int]] = field(default_factory=list)
 
 
 def _dtype_name(raw: str) -> str:
-    return {"float": "float32", "c10::BFloat16": "bfloat16", "c10::Half": "float16",
-            "double": "float64"}.get(raw, raw)
+    return {
+        "float": "float32",
+        "c10::BFloat16": "bfloat16",
+        "c10::Half": "float16",
+        "double": "float64",
+    }.get(raw, raw)
 
 
 def summarize_events(events: Iterable[Any], steps: int) -> ProfileSummary:
@@ -85,9 +99,7 @@ def summarize_events(events: Iterable[Any], steps: int) -> ProfileSummary:
         return out
     main = threads.most_common(1)[0][0]
     # Events on the loop's thread, outer before inner: by start, longer first.
-    mine = sorted(
-        (c for c in cpu if c[3].start_thread_id() == main), key=lambda c: (c[0], -c[1])
-    )
+    mine = sorted((c for c in cpu if c[3].start_thread_id() == main), key=lambda c: (c[0], -c[1]))
     open_ends: list[tuple[int, str]] = []  # enclosing (end_ns, name), innermost last
     top_ns = 0
     top_count = 0

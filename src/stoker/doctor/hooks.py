@@ -14,6 +14,7 @@ wrapper of ``torch.autograd.backward`` (backward time).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import weakref
@@ -65,7 +66,9 @@ def _guarded(doctor: Doctor, fn: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        if doctor.failed is not None:
+        # Inside a torch.compile trace (a forward hook of a compiled module) do nothing: dynamo
+        # traces this branch as a constant, so the hook adds no graph break and no guard.
+        if torch.compiler.is_compiling() or doctor.failed is not None:
             return
         try:
             fn(*args, **kwargs)
@@ -86,6 +89,13 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
     orig_next = _dataloader._BaseDataLoaderIter.__next__
 
     def timed_next(it: Any) -> Any:
+        mode = doctor.attribution_mode
+        if mode is not None:  # the attribution steps: the loader's own calls are not a line's
+            mode.loading += 1
+            try:
+                return orig_next(it)
+            finally:
+                mode.loading -= 1
         if not doctor.in_window:
             return orig_next(it)
         start = time.perf_counter()
@@ -108,10 +118,8 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
 
     def loader_iter(loader: Any) -> Any:
         it = orig_loader_iter(loader)
-        try:
-            it._stoker_doctor_loader = weakref.ref(loader)
-        except (AttributeError, TypeError):  # a custom iterator class with __slots__
-            pass
+        with contextlib.suppress(AttributeError, TypeError):  # an iterator with __slots__
+            it.__dict__["_stoker_doctor_loader"] = weakref.ref(loader)
         return it
 
     patches.setattr(DataLoader, "__iter__", loader_iter)
@@ -182,13 +190,19 @@ def install_window(doctor: Doctor) -> Callable[[], None]:
             starts.append(time.perf_counter())
             doctor.on_forward_start(module, args)
 
-    def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def post(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         depth[0] -= 1
         if depth[0] == 0 and starts:
-            doctor.on_forward_end(module, time.perf_counter() - starts.pop())
+            doctor.on_forward_end(module, kwargs, time.perf_counter() - starts.pop())
 
     patches.handle(_module.register_module_forward_pre_hook(_guarded(doctor, pre)))
-    patches.handle(_module.register_module_forward_hook(_guarded(doctor, post), always_call=True))
+    patches.handle(
+        _module.register_module_forward_hook(
+            _guarded(doctor, post), with_kwargs=True, always_call=True
+        )
+    )
 
     orig_backward = torch.autograd.backward
 

@@ -11,7 +11,7 @@ Variants are timed interleaved and the minimum is kept, so a noisy neighbour bia
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -98,23 +98,30 @@ def _preserved(module: torch.nn.Module) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _scaled(args: tuple[Any, ...], factor: int) -> tuple[Any, ...]:
+
+def _scaled(
+    args: tuple[Any, ...], kwargs: dict[str, Any], factor: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Repeat every tensor that shares the first tensor's leading (batch) size ``factor`` times."""
     first = _first_tensor(args)
+    if first is None:
+        first = _first_tensor(kwargs)
     if first is None or first.dim() == 0:
         raise ValueError("no batched tensor input")
     batch = first.shape[0]
-    return tuple(
-        torch.cat([a] * factor) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
-        else a
-        for a in args
-    )
+
+    def grow(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch:
+            return torch.cat([a] * factor)
+        return a
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
 def _step_fn(
     fwd: ForwardInfo,
     *,
-    args: tuple[Any, ...] | None = None,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     autocast: torch.dtype | None = None,
     threads: int | None = None,
     backward: bool = True,
@@ -122,7 +129,7 @@ def _step_fn(
 ) -> Callable[[], None]:
     module = fwd.module
     device = next(module.parameters()).device.type
-    inputs = fwd.args if args is None else args
+    args, kwargs = (fwd.args, fwd.kwargs) if inputs is None else inputs
     params = list(module.parameters())
 
     def run() -> None:
@@ -131,11 +138,12 @@ def _step_fn(
         for p in params:
             p.grad = None
         ctx = (
-            torch.autocast(device, dtype=autocast) if autocast is not None
+            torch.autocast(device, dtype=autocast)
+            if autocast is not None
             else contextlib.nullcontext()
         )
         with torch.set_grad_enabled(grad), ctx:
-            out = module(*inputs)
+            out = module(*args, **kwargs)
         if backward:
             loss = _first_tensor(out)
             if loss is not None and loss.requires_grad:
@@ -146,7 +154,9 @@ def _step_fn(
     return run
 
 
-def _probe(fwd: ForwardInfo, variants: dict[str, dict[str, Any]], base: dict[str, Any]) -> list[float]:
+def _probe(
+    fwd: ForwardInfo, variants: dict[str, dict[str, Any]], base: dict[str, Any]
+) -> list[float]:
     with _preserved(fwd.module):
         fwd.module.train(fwd.training)
         fns = [_step_fn(fwd, **base)] + [_step_fn(fwd, **kw) for kw in variants.values()]
@@ -163,22 +173,29 @@ def _fused_probe(info: Any) -> Probe | None:
     """Time the optimizer's step as configured and with ``fused=True``, on copies of its params."""
     opt = info.optimizer
     cls = type(opt)
-    groups = []
-    for group in opt.param_groups:
-        clones = []
-        for p in group["params"]:
-            c = torch.nn.Parameter(p.detach().clone())
-            c.grad = (p.grad.detach().clone() if p.grad is not None
-                      else torch.randn_like(c) * 1e-3)
-            clones.append(c)
-        hyper = {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}
-        groups.append({"params": clones, **hyper})
-    if not groups or not groups[0]["params"]:
+
+    def clone_groups() -> list[dict[str, Any]]:
+        groups = []
+        for group in opt.param_groups:
+            clones = []
+            for p in group["params"]:
+                c = torch.nn.Parameter(p.detach().clone())
+                c.grad = (
+                    p.grad.detach().clone() if p.grad is not None else torch.randn_like(c) * 1e-3
+                )
+                clones.append(c)
+            hyper = {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}
+            groups.append({"params": clones, **hyper})
+        return groups
+
+    if not any(g["params"] for g in opt.param_groups):
         return None
     try:
-        base = cls(copy.deepcopy(groups), **_kw(opt, fused=opt.defaults.get("fused"),
-                                                  foreach=opt.defaults.get("foreach")))
-        fused = cls(copy.deepcopy(groups), **_kw(opt, fused=True, foreach=None))
+        base = cls(
+            clone_groups(),
+            **_kw(opt, fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach")),
+        )
+        fused = cls(clone_groups(), **_kw(opt, fused=True, foreach=None))
     except (TypeError, RuntimeError, ValueError) as exc:  # class without a fused implementation
         log.debug("no fused variant of %s: %s", cls.__name__, exc)
         return None
@@ -200,36 +217,44 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
         device = m.device
         fp32_ms = prof.matmul_ms_by_dtype.get("float32", 0.0)
         if fp32_ms > 0.05 * m.step_ms and _bf16_supported(device):
+
             def bf16(fwd: ForwardInfo = fwd) -> Probe:
                 t32, t16 = _probe(fwd, {"bf16": {"autocast": torch.bfloat16}}, {})
                 return Probe(t32, t16, "forward+backward fp32 vs bf16 autocast")
+
             jobs.append(("bf16", bf16))
 
         def batch4(fwd: ForwardInfo = fwd) -> Probe:
-            big = _scaled(fwd.args, 4)
-            t1, t4 = _probe(fwd, {"x4": {"args": big}}, {})
+            big = _scaled(fwd.args, fwd.kwargs, 4)
+            t1, t4 = _probe(fwd, {"x4": {"inputs": big}}, {})
             return Probe(4 * t1, t4, "forward+backward at 4x the batch vs 4 calls at 1x")
+
         jobs.append(("batch4", batch4))
 
         cores = m.threads["cores"]
         if device == "cpu" and m.threads["intra_op"] != cores:
+
             def threads(fwd: ForwardInfo = fwd, cores: int = cores) -> Probe:
                 now = m.threads["intra_op"]
                 t_now, t_all = _probe(fwd, {"all": {"threads": cores}}, {"threads": now})
                 return Probe(t_now, t_all, f"forward+backward at {now} vs {cores} threads")
+
             jobs.append(("threads", threads))
     for i, f in enumerate(m.forwards):
         if not f.training and f.grad_enabled and next(f.module.parameters(), None) is not None:
+
             def nograd(f: ForwardInfo = f) -> Probe:
                 t_g, t_n = _probe(
-                    f, {"no_grad": {"grad": False, "backward": False}},
+                    f,
+                    {"no_grad": {"grad": False, "backward": False}},
                     {"backward": False},
                 )
                 return Probe(t_g, t_n, "eval forward with grad vs under torch.no_grad()")
+
             jobs.append((f"no_grad:{i}", nograd))
     for i, info in enumerate(m.optimizers):
         if not info.fused:
-            jobs.append((f"fused:{i}", lambda info=info: _fused_probe(info)))
+            jobs.append((f"fused:{i}", functools.partial(_fused_probe, info)))
     for name, job in jobs:
         try:
             result = job()

@@ -43,23 +43,35 @@ class Report:
             "device": m.device,
             "profiled_steps": m.steps,
             "step_ms": round(m.step_ms, 3),
-            "unprofiled_step_ms": (round(m.baseline_step_ms, 3)
-                                   if m.baseline_step_ms is not None else None),
+            "unprofiled_step_ms": (
+                round(m.baseline_step_ms, 3) if m.baseline_step_ms is not None else None
+            ),
             "phases_ms": {k: round(v, 3) for k, v in m.phases_ms.items()},
             "device_idle_fraction": round(
-                max(0.0, 1 - (prof.device_busy_ms if prof.device_busy_ms is not None
-                              else prof.busy_ms) / m.step_ms), 3),
+                max(
+                    0.0,
+                    1
+                    - (prof.device_busy_ms if prof.device_busy_ms is not None else prof.busy_ms)
+                    / m.step_ms,
+                ),
+                3,
+            ),
             "ops_per_step": round(prof.ops_per_step, 1),
             "matmul_ms_by_dtype": {k: round(v, 3) for k, v in prof.matmul_ms_by_dtype.items()},
-            "top_ops": [{"op": n, "ms_per_step": round(t, 3), "calls_per_step": c}
-                        for n, t, c in prof.top_ops],
+            "top_ops": [
+                {"op": n, "ms_per_step": round(t, 3), "calls_per_step": c}
+                for n, t, c in prof.top_ops
+            ],
             "intra_op_threads": m.threads["intra_op"],
             "cores": m.threads["cores"],
         }
         probe_dict: dict[str, dict[str, float | str]] = {
-            name: {"baseline_ms": round(1e3 * p.baseline_s, 3),
-                   "variant_ms": round(1e3 * p.variant_s, 3),
-                   "ratio": round(p.ratio, 3), "what": p.detail}
+            name: {
+                "baseline_ms": round(1e3 * p.baseline_s, 3),
+                "variant_ms": round(1e3 * p.variant_s, 3),
+                "ratio": round(p.ratio, 3),
+                "what": p.detail,
+            }
             for name, p in probes.items()
         }
         return cls(findings=findings, summary=summary, probes=probe_dict)

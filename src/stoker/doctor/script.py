@@ -29,8 +29,10 @@ def _where(exc: BaseException, script: str) -> str:
     """``file:line`` of the deepest frame of ``exc`` inside the user's script, if any."""
     frames = traceback.extract_tb(exc.__traceback__)
     mine = [f for f in frames if os.path.abspath(f.filename) == script]
-    f = (mine or frames or [None])[-1]
-    return f" at {os.path.basename(f.filename)}:{f.lineno}" if f is not None else ""
+    if not (mine or frames):
+        return ""
+    f = (mine or frames)[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno}"
 
 
 def diagnose_script(
@@ -79,8 +81,11 @@ def diagnose_script(
     if crash is not None and not doctor.done:
         if not isinstance(crash, SystemExit):
             traceback.print_exception(type(crash), crash, crash.__traceback__)
-        what = (f"exited with status {crash.code}" if isinstance(crash, SystemExit)
-                else f"raised {type(crash).__name__}{_where(crash, script)}")
+        what = (
+            f"exited with status {crash.code}"
+            if isinstance(crash, SystemExit)
+            else f"raised {type(crash).__name__}{_where(crash, script)}"
+        )
         raise StokerError(
             f"{name} {what} after {doctor.steps} optimizer step(s), before the doctor's window "
             f"was complete (it needs {config.total_steps}); fix the script, or lower "
@@ -88,8 +93,10 @@ def diagnose_script(
         ) from crash
     if crash is not None and not isinstance(crash, SystemExit):
         traceback.print_exception(type(crash), crash, crash.__traceback__)
-        print(f"stoker doctor: {name} crashed after the window; reporting what was measured",
-              file=sys.stderr)
+        print(
+            f"stoker doctor: {name} crashed after the window; reporting what was measured",
+            file=sys.stderr,
+        )
     if doctor.steps == 0:
         raise StokerError(
             f"{name} finished without a single optimizer.step(); the doctor marks steps with "

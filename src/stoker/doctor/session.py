@@ -1,4 +1,4 @@
-"""The doctor's session: skip warm-up steps, profile a window, attribute lines, then get out of the way.
+"""The doctor's session: skip warm-up, profile a window, attribute lines, then get out of the way.
 
 The runtime (or the ``stoker doctor`` script runner) calls :meth:`Doctor.step` once per optimizer
 step; outside the window that is an integer increment and a comparison. Step boundaries come from
@@ -13,6 +13,7 @@ Timeline for the default config (5 warm-up, 5 profiled, 2 attribution steps)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 _ACTIVE: list[Doctor] = []  # at most one attached doctor per process (hooks are global)
 
 
-class WindowComplete(BaseException):  # noqa: N818 (a control-flow signal, not an error)
+class WindowComplete(BaseException):
     """Raised from the optimizer hook to end a script after the window (``stop_after_window``).
 
     A BaseException so that a user's ``except Exception`` does not swallow it.
@@ -120,6 +121,7 @@ class ForwardInfo:
     site: Site | None
     module: Any = field(repr=False)
     args: tuple[Any, ...] = field(repr=False)
+    kwargs: dict[str, Any] = field(repr=False)
     training: bool
     grad_enabled: bool
     calls: int = 0
@@ -205,8 +207,12 @@ class Doctor:
         self._t_last = 0.0
         self._baseline: list[float] = []
         self._window: list[float] = []
-        self._acc: dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0,
-                                       "optimizer": 0.0}
+        self._acc: dict[str, float] = {
+            "data": 0.0,
+            "forward": 0.0,
+            "backward": 0.0,
+            "optimizer": 0.0,
+        }
         self._loaders: dict[int, LoaderInfo] = {}
         self._optimizers: dict[int, OptimizerInfo] = {}
         self._forwards: dict[tuple[int, bool, bool], ForwardInfo] = {}
@@ -237,6 +243,8 @@ class Doctor:
         self._undo = hooks.install(self, auto_step=auto_step)
         self._dyn_attach = _dynamo_snapshot()
         self.active = True
+        if self._phase != "idle":  # re-attached after its window: listen, never re-profile
+            return self
         self._phase = "warmup"
         self._next = max(1, self.config.warmup_steps - 3)
         if self.config.warmup_steps == 0:
@@ -245,7 +253,8 @@ class Doctor:
         return self
 
     def detach(self) -> None:
-        """Stop listening and stop any profiling still running. Idempotent."""
+        """Stop listening and stop any profiling still running. Idempotent; a detached doctor
+        that finished its window can be attached again (it stays finished)."""
         self._end_mode()
         if self.in_window:
             self._stop_profiler()
@@ -260,6 +269,11 @@ class Doctor:
             _ACTIVE.remove(self)
 
     @property
+    def attribution_mode(self) -> AttributionMode | None:
+        """The call-site recorder while the attribution steps run, else None."""
+        return self._mode
+
+    @property
     def done(self) -> bool:
         """True once the window and the attribution steps are complete."""
         return self._phase == "done"
@@ -269,10 +283,8 @@ class Doctor:
         if self.failed is None:
             log.warning("stoker doctor disabled itself after an internal error: %r", exc)
             self.failed = exc
-        try:
+        with contextlib.suppress(Exception):
             self.detach()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ the per-step call
     def step(self) -> None:
@@ -439,7 +451,7 @@ class Doctor:
             (module, args, caller_site(3), bool(module.training), torch.is_grad_enabled())
         )
 
-    def on_forward_end(self, module: Any, seconds: float) -> None:
+    def on_forward_end(self, module: Any, kwargs: dict[str, Any], seconds: float) -> None:
         if not self._fwd_stack:
             return
         _, args, site, training, grad = self._fwd_stack.pop()
@@ -447,9 +459,16 @@ class Doctor:
         key = (id(module), training, grad)
         info = self._forwards.get(key)
         if info is None:
-            captured = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            def keep(a: Any) -> Any:
+                return a.detach() if isinstance(a, torch.Tensor) else a
+
             info = self._forwards[key] = ForwardInfo(
-                site=site, module=module, args=captured, training=training, grad_enabled=grad
+                site=site,
+                module=module,
+                args=tuple(keep(a) for a in args),
+                kwargs={k: keep(v) for k, v in (kwargs or {}).items()},
+                training=training,
+                grad_enabled=grad,
             )
         info.calls += 1
         info.seconds += seconds

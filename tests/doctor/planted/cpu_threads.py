@@ -1,4 +1,5 @@
 """Planted cpu-threads: one intra-op thread on a multi-core CPU. `--clean`: the default."""
+
 import sys
 
 import torch
@@ -14,7 +15,7 @@ data = TensorDataset(torch.randn(4096, 512), torch.randn(4096, 512))
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
 model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

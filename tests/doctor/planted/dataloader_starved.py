@@ -2,6 +2,7 @@
 
 `--clean`: the same transform vectorised over the batch (one call per batch).
 """
+
 import sys
 
 import torch
@@ -22,9 +23,9 @@ class Noisy(Dataset):
 
     def __getitem__(self, i):
         x = self.x[i]
-        for _ in range(3):  # a per-sample augmentation, done the slow way
-            x = x + 0.01 * torch.randn(x.shape)
-        return x.sort().values, self.y[i]
+        for _ in range(8):  # an augmentation: one sample at a time when i is an int
+            x = x + 0.01 * torch.sin(x)
+        return x, self.y[i]
 
 
 data = Noisy()
@@ -32,9 +33,9 @@ if CLEAN:
     loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
 else:
     loader = DataLoader(data, batch_size=512, shuffle=True)  # PLANTED
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

@@ -1,4 +1,5 @@
 """Planted eval-without-no-grad: validation forward with autograd on. `--clean`: no_grad."""
+
 import contextlib
 import sys
 
@@ -12,9 +13,9 @@ torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 val_x, val_y = torch.randn(2048, 256), torch.randn(2048, 256)
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)
@@ -22,7 +23,8 @@ for epoch in range(10):
         opt.step()
         opt.zero_grad()
         model.eval()
-        with torch.no_grad() if CLEAN else contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+        grad_mode = torch.no_grad() if CLEAN else contextlib.nullcontext()
+        with grad_mode, torch.autocast("cpu", dtype=torch.bfloat16):
             val = model(val_x)  # PLANTED
         val_loss = F.mse_loss(val.float(), val_y)
         model.train()

@@ -1,4 +1,5 @@
 """Planted fp32-matmul: no autocast on an AMX CPU. `--clean`: bf16 autocast."""
+
 import sys
 
 import torch
@@ -10,9 +11,9 @@ CLEAN = "--clean" in sys.argv
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=CLEAN):
             out = model(x)  # PLANTED

@@ -1,4 +1,5 @@
 """Planted grad-zeroing: zero_grad(set_to_none=False). `--clean`: the default set_to_none."""
+
 import sys
 
 import torch
@@ -10,9 +11,9 @@ CLEAN = "--clean" in sys.argv
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

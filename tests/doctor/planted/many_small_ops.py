@@ -1,4 +1,5 @@
 """Planted many-small-ops: a Python loop over batch rows. `--clean`: one broadcast multiply."""
+
 import sys
 
 import torch
@@ -20,9 +21,8 @@ class Gated(nn.Module):
     def forward(self, x):
         h = F.gelu(self.inp(x))
         if CLEAN:
-            h = h * self.gate
-        else:
-            h = torch.stack([row * self.gate for row in h])  # PLANTED
+            return self.out(h * self.gate)
+        h = torch.stack([row * self.gate for row in h])  # PLANTED
         return self.out(h)
 
 
@@ -30,7 +30,7 @@ data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
 model = Gated()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

@@ -1,4 +1,5 @@
 """Planted recompiles: a changing Python float with dynamic=False. `--clean`: pass a tensor."""
+
 import sys
 
 import torch
@@ -10,7 +11,7 @@ CLEAN = "--clean" in sys.argv
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), batch_size=None)
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
 
@@ -21,7 +22,7 @@ def forward_loss(x, y, scale):
 
 compiled = torch.compile(forward_loss, backend="eager", dynamic=False)  # PLANTED
 step = 0
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         scale = 0.99**step
         loss = compiled(x, y, torch.tensor(scale) if CLEAN else scale)

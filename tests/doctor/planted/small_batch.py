@@ -1,4 +1,5 @@
 """Planted small-batch: 8 samples per step. `--clean`: 512."""
+
 import sys
 
 import torch
@@ -10,10 +11,11 @@ CLEAN = "--clean" in sys.argv
 BATCH = 512 if CLEAN else 8
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
-loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), BATCH, True), batch_size=None)  # PLANTED
-model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+sampler = BatchSampler(RandomSampler(data), BATCH, True)
+loader = DataLoader(data, sampler=sampler, batch_size=None)  # PLANTED
+model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

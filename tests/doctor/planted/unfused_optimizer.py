@@ -1,4 +1,5 @@
 """Planted unfused-optimizer: AdamW's per-tensor loop on CPU. `--clean`: fused=True."""
+
 import sys
 
 import torch
@@ -13,7 +14,7 @@ loader = DataLoader(data, sampler=BatchSampler(RandomSampler(data), 512, True), 
 layers = [nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256)) for _ in range(8)]
 model = nn.Sequential(*layers)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=CLEAN or None)  # PLANTED
-for epoch in range(10):
+for _epoch in range(10):
     for x, y in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), y)

@@ -1,0 +1,63 @@
+"""``console.log``: a copy of everything the process prints to stdout and stderr.
+
+``sys.stdout`` / ``sys.stderr`` are wrapped so each write goes to the terminal as before and
+to the file (line-buffered, so a killed process loses at most a partial line). Output written
+straight to file descriptors 1/2 by C code or child processes is not copied.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["ConsoleTee"]
+
+
+class _TeeStream:
+    def __init__(self, stream: TextIO, copy: TextIO, lock: threading.Lock) -> None:
+        self._stream = stream
+        self._copy = copy
+        self._lock = lock
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        with self._lock:
+            if not self._copy.closed:
+                self._copy.write(text)
+        return n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
+
+
+class ConsoleTee:
+    """Copy ``sys.stdout`` and ``sys.stderr`` into ``path`` until :meth:`close`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._lock = threading.Lock()
+        self._saved = (sys.stdout, sys.stderr)
+        self._out = _TeeStream(sys.stdout, self._file, self._lock)
+        self._err = _TeeStream(sys.stderr, self._file, self._lock)
+        sys.stdout = self._out
+        sys.stderr = self._err
+
+    def close(self) -> None:
+        """Stop copying (restores the streams if nobody replaced them since). Idempotent."""
+        if sys.stdout is self._out:
+            sys.stdout = self._saved[0]
+        if sys.stderr is self._err:
+            sys.stderr = self._saved[1]
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()

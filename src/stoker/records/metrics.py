@@ -1,0 +1,189 @@
+"""``metrics.jsonl``: one JSON object per ``log()`` call, written off the training thread.
+
+    logger = MetricsLogger("runs/x/metrics.jsonl")
+    logger.log({"loss": loss, "lr": lr}, step=step)   # loss may be a CUDA tensor: no sync
+    logger.close()
+
+Each line is ``{"step": 12, "time": 1718000000.123, "loss": 2.31, "lr": 0.001}`` (``time`` is
+Unix seconds at the ``log`` call). ``log`` never makes the calling thread wait for a device:
+a CUDA tensor is copied to pinned host memory with ``non_blocking=True`` and an event is
+recorded behind the copy; a CPU tensor is cloned (its value is final, and the clone keeps a
+later in-place update from changing what was logged). A background thread waits on the
+events, converts to numbers and appends the lines every ``flush_seconds``; ``close()`` writes
+the rest and fsyncs. A process killed mid-write leaves at most one partial last line, which
+readers skip.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stoker.errors import StokerError
+
+__all__ = ["MetricsLogger", "read_metrics"]
+
+_RESERVED = ("step", "time")
+
+
+class _Pending:
+    """A device value on its way to the host: the copy and the event that says it landed."""
+
+    __slots__ = ("event", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, event: Any) -> None:
+        self.tensor = tensor
+        self.event = event
+
+    def resolve(self) -> Any:
+        if self.event is not None:
+            self.event.synchronize()  # on the logger's thread, never the training loop's
+        t = self.tensor
+        return t.item() if t.numel() == 1 else t.tolist()
+
+
+def _capture(value: torch.Tensor) -> _Pending:
+    t = value.detach()
+    if t.device.type == "cuda":
+        host = t.to("cpu", non_blocking=True)  # into pinned memory: an async copy
+        event = torch.cuda.Event()
+        event.record()
+        return _Pending(host, event)
+    if t.device.type == "cpu":
+        return _Pending(t.clone(), None)
+    return _Pending(t, None)  # other devices: read on the logger thread
+
+
+class MetricsLogger:
+    """Appends metric lines to ``path`` from a background thread."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        flush_seconds: float = 1.0,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        if not flush_seconds > 0:
+            raise StokerError(f"flush_seconds={flush_seconds}; use a positive number of seconds")
+        self.path = Path(path)
+        self.flush_seconds = flush_seconds
+        self._on_tick = on_tick
+        self._queue: collections.deque[tuple[int | None, float, list[tuple[str, Any]]]] = (
+            collections.deque()
+        )
+        self._wake = threading.Event()
+        self._closed = False
+        self._lock = threading.Lock()  # one writer at a time: the thread, or close()
+        self.last_step: int | None = None
+        """The largest step written so far."""
+        self.last: dict[str, Any] = {}
+        """The newest written value of each metric."""
+        self.lines = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._thread = threading.Thread(target=self._run, name="stoker-metrics", daemon=True)
+        self._thread.start()
+
+    # -- the hot path ------------------------------------------------------------------------
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Queue ``metrics`` (numbers, strings, tensors of any device) for ``step``."""
+        if self._closed:
+            raise StokerError(f"log() after close() of the metrics logger for {self.path}")
+        items: list[tuple[str, Any]] = []
+        for key, value in metrics.items():
+            if key in _RESERVED:
+                raise StokerError(
+                    f"log(): {key!r} is a reserved field of metrics.jsonl; pass the step as "
+                    "log(metrics, step=...) and rename the metric"
+                )
+            if isinstance(value, torch.Tensor):
+                items.append((key, _capture(value)))
+            elif value is None or isinstance(value, int | float | str | bool):
+                items.append((key, value))
+            elif callable(getattr(value, "item", None)):  # numpy scalars
+                items.append((key, value.item()))
+            else:
+                raise StokerError(
+                    f"log(): metric {key!r} is a {type(value).__name__}; log numbers, strings "
+                    "or tensors"
+                )
+        self._queue.append((step, time.time(), items))
+
+    # -- the background thread -----------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            try:
+                self.flush()
+                if self._on_tick is not None:
+                    self._on_tick()
+            except Exception:  # a full disk must not kill training; close() reports
+                import logging
+
+                logging.getLogger(__name__).exception("writing %s failed", self.path)
+
+    def flush(self) -> None:
+        """Resolve and write everything queued so far (called by the thread and close())."""
+        with self._lock:
+            if self._file.closed:
+                return
+            lines = []
+            while self._queue:
+                step, stamp, items = self._queue.popleft()
+                record: dict[str, Any] = {"step": step, "time": round(stamp, 3)}
+                for key, value in items:
+                    resolved = value.resolve() if isinstance(value, _Pending) else value
+                    record[key] = resolved  # NaN/inf: json writes NaN/Infinity
+                    self.last[key] = resolved
+                if step is not None and (self.last_step is None or step > self.last_step):
+                    self.last_step = step
+                lines.append(json.dumps(record, default=repr) + "\n")
+            if lines:
+                self._file.write("".join(lines))
+                self._file.flush()
+                self.lines += len(lines)
+
+    def close(self) -> None:
+        """Write everything still queued, fsync, stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+        self.flush()
+        with self._lock:
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All complete lines of a ``metrics.jsonl`` (a torn last line is skipped)."""
+    out: list[dict[str, Any]] = []
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

@@ -1,0 +1,117 @@
+"""``record.json``: everything needed to know, later, what produced a run.
+
+Fields (``schema`` 1)::
+
+    id, name, status ("running" | "finished" | "failed" | "killed"), error (type, message,
+    traceback) when failed or killed,
+    command: argv, orig_argv (with the interpreter's own flags), executable, cwd, script,
+             script_args, launcher (the ``stoker run`` command line, when launched by it)
+    config (the user's: dataclass, dict or argparse Namespace), settings (stoker's), seeds,
+    git: repo, revision, branch, dirty, patch ("code.patch" when dirty), untracked files
+         included / skipped (too large),
+    packages {name: version}, versions (python, torch, cuda, cudnn, stoker),
+    host (hostname, platform, cpu, cpu_count, gpus, ...), world_size,
+    pid, pid_start (to tell a dead process from a reused pid), started, ended, heartbeat
+    (UTC ISO times), attempts (one entry per start: elastic restarts, resumes),
+    summary: steps (last logged step), last (the last value of each metric)
+
+The file is replaced atomically (write beside, rename) each time it is updated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import enum
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RECORD",
+    "SCHEMA",
+    "STATUSES",
+    "jsonable",
+    "now_iso",
+    "pid_start_time",
+    "read_record",
+    "write_record",
+]
+
+RECORD = "record.json"
+PATCH = "code.patch"
+METRICS = "metrics.jsonl"
+CONSOLE = "console.log"
+SCHEMA = 1
+STATUSES = ("running", "finished", "failed", "killed")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def jsonable(obj: Any, _depth: int = 0) -> Any:
+    """A JSON-ready copy of a user config: dataclasses, Namespaces, dicts, paths, enums...;
+    anything else becomes its ``repr`` (a record must never fail on an odd config value)."""
+    if _depth > 20:
+        return repr(obj)
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else repr(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name), _depth + 1) for f in dataclasses.fields(obj)}
+    if isinstance(obj, argparse.Namespace):
+        return {k: jsonable(v, _depth + 1) for k, v in sorted(vars(obj).items())}
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = sorted(obj, key=repr) if isinstance(obj, set | frozenset) else obj
+        return [jsonable(v, _depth + 1) for v in items]
+    if isinstance(obj, enum.Enum):
+        return jsonable(obj.value, _depth + 1)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(obj, "ndim", None) == 0:
+        return jsonable(item(), _depth + 1)
+    return repr(obj)
+
+
+def pid_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to detect pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def write_record(run_dir: Path, record: Mapping[str, Any], *, durable: bool = False) -> None:
+    """Replace ``run_dir/record.json`` atomically (fsync too when ``durable``)."""
+    path = run_dir / RECORD
+    tmp = run_dir / f".{RECORD}.{os.getpid()}.tmp"
+    data = json.dumps(record, indent=1, default=repr) + "\n"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """The parsed ``record.json`` of ``run_dir``; raises OSError / ValueError if unreadable."""
+    doc = json.loads((Path(run_dir) / RECORD).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError(f"{run_dir / RECORD} is not a JSON object")
+    return doc

@@ -1,0 +1,25 @@
+"""A few steps of the README's main job, end to end (real corpus, tokenizer, model, loop)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "train_mlm.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("train_mlm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_few_steps_train_and_evaluate():
+    train_mlm = _load()
+    args = ["--steps", "6", "--batch-size", "8", "--eval-batches", "2", "--log-every", "3"]
+    results = train_mlm.main(args)
+    assert results["steps"] == 6
+    assert math.isfinite(results["val_loss"])
+    assert 0.0 <= results["val_accuracy"] <= 1.0
+    assert 0.0 < results["unigram_accuracy"] < 0.5
+    assert results["tokens_per_second"] > 0

@@ -1,0 +1,73 @@
+import json
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stoker.errors import StokerError
+from stoker.records import MetricsLogger, read_metrics
+
+
+def test_lines_hold_step_time_and_values(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(path) as logger:
+        logger.log({"loss": torch.tensor(2.5), "lr": 1e-3, "tag": "warmup"}, step=1)
+        logger.log({"loss": torch.tensor([1.0, 2.0]), "acc": np.float32(0.5)}, step=2)
+        logger.log({"loss": float("nan")})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, None]
+    assert lines[0]["loss"] == 2.5 and lines[0]["lr"] == 1e-3 and lines[0]["tag"] == "warmup"
+    assert lines[1]["loss"] == [1.0, 2.0] and lines[1]["acc"] == 0.5
+    assert lines[2]["loss"] != lines[2]["loss"]  # NaN survives
+    assert all(abs(r["time"] - time.time()) < 60 for r in lines)
+    assert logger.last_step == 2 and logger.last["acc"] == 0.5
+
+
+def test_logged_value_is_the_value_at_log_time(tmp_path):
+    total = torch.zeros(())
+    with MetricsLogger(tmp_path / "m.jsonl") as logger:
+        for step in range(3):
+            total += 1  # an in-place running sum, logged every step
+            logger.log({"total": total}, step=step)
+    assert [r["total"] for r in read_metrics(tmp_path / "m.jsonl")] == [1.0, 2.0, 3.0]
+
+
+def test_lines_are_written_in_the_background_without_close(tmp_path):
+    logger = MetricsLogger(tmp_path / "m.jsonl", flush_seconds=0.02)
+    logger.log({"loss": torch.tensor(1.0)}, step=1)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "m.jsonl").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_metrics(tmp_path / "m.jsonl")[0]["loss"] == 1.0
+    logger.close()
+
+
+def test_bad_metrics_fail_at_the_call(tmp_path):
+    with MetricsLogger(tmp_path / "m.jsonl") as logger:
+        with pytest.raises(StokerError, match="'step' is a reserved field"):
+            logger.log({"step": 3})
+        with pytest.raises(StokerError, match="metric 'cfg' is a dict"):
+            logger.log({"cfg": {}})
+    with pytest.raises(StokerError, match="after close"):
+        logger.log({"x": 1})
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_log_returns_in_microseconds(tmp_path):
+    # The loop's cost of logging: queueing only (the writer thread does the rest).
+    loss = torch.tensor(1.0)
+    with MetricsLogger(tmp_path / "m.jsonl", flush_seconds=0.01) as logger:
+        times = []
+        for step in range(2000):
+            t0 = time.perf_counter()
+            logger.log({"loss": loss, "lr": 0.1}, step=step)
+            times.append(time.perf_counter() - t0)
+    assert statistics.median(times) < 200e-6, statistics.median(times)
+    assert len(read_metrics(tmp_path / "m.jsonl")) == 2000

@@ -1,0 +1,164 @@
+import dataclasses
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+from stoker.records import RecordConfig, read_metrics, read_record, start_run
+from stoker.records import run as run_module
+from stoker.records.listing import effective_status
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    layers: tuple[int, ...] = (64, 64)
+    out: object = None
+
+
+def _config(tmp_path, **kw):
+    return RecordConfig(directory=tmp_path / "run", save_code=False, flush_seconds=0.01, **kw)
+
+
+def test_record_holds_what_produced_the_run(tmp_path):
+    run = start_run(
+        _config(tmp_path),
+        user_config=TrainConfig(out=tmp_path),
+        settings={"precision": "bf16"},
+        seeds={"torch": 1},
+        world_size=1,
+    )
+    run.log({"loss": torch.tensor(0.5)}, step=7)
+    run.finish()
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "finished" and record["ended"] >= record["started"]
+    assert record["config"] == {"lr": 3e-4, "layers": [64, 64], "out": str(tmp_path)}
+    assert record["settings"] == {"precision": "bf16"} and record["seeds"] == {"torch": 1}
+    assert record["command"]["argv"] == sys.argv
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["packages"]["torch"] == torch.__version__.split("+")[0] or record["packages"]
+    assert record["host"]["cpu"] and record["host"]["hostname"]
+    assert record["summary"]["steps"] == 7 and record["summary"]["last"]["loss"] == 0.5
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 0.5
+
+
+def test_exception_in_with_block_records_failed_with_the_error(tmp_path):
+    with pytest.raises(ValueError), start_run(_config(tmp_path)):
+        raise ValueError("lr must be positive, got -1")
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "failed"
+    assert record["error"]["type"] == "ValueError"
+    assert "lr must be positive" in record["error"]["message"]
+    assert "Traceback" in record["error"]["traceback"]
+
+
+def test_console_output_is_copied(tmp_path, capsys):
+    run = start_run(_config(tmp_path))
+    print("step 1 loss 2.0")
+    print("a warning", file=sys.stderr)
+    run.finish()
+    print("after the run")
+    text = (tmp_path / "run" / "console.log").read_text()
+    assert "step 1 loss 2.0" in text and "a warning" in text and "after the run" not in text
+    assert "step 1 loss 2.0" in capsys.readouterr().out  # still on the terminal
+
+
+def test_hooks_are_removed_after_finish(tmp_path):
+    hook = sys.excepthook
+    run = start_run(_config(tmp_path))
+    assert sys.excepthook is not hook
+    run.finish()
+    assert sys.excepthook is hook
+
+
+def test_uncaught_exception_hook_records_failed(tmp_path):
+    run = start_run(_config(tmp_path))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # what the interpreter does
+    assert read_record(tmp_path / "run")["status"] == "failed"
+    assert run._done
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    run = start_run(_config(tmp_path), rank=1)
+    run.log({"loss": 1.0}, step=1)
+    run.finish()
+    assert not run.enabled and not (tmp_path / "run").exists()
+    assert run.dir == tmp_path / "run"
+
+
+def test_restart_into_the_same_directory_is_a_new_attempt(tmp_path):
+    start_run(_config(tmp_path), user_config={"lr": 1}).finish("killed", "SIGKILL")
+    run = start_run(_config(tmp_path), user_config={"lr": 2})
+    record = read_record(tmp_path / "run")
+    assert len(record["attempts"]) == 2 and record["status"] == "running"
+    assert record["config"] == {"lr": 1}  # the original record is kept
+    run.finish()
+
+
+def test_dead_process_shows_as_killed(tmp_path):
+    run = start_run(_config(tmp_path))
+    record = read_record(tmp_path / "run")
+    assert effective_status(record) == "running"  # this process is alive
+    record["pid"] = 2**22 + 12345  # a pid that does not exist
+    assert effective_status(record) == "killed"
+    other_host = dict(record, host={"hostname": "elsewhere"}, heartbeat="2000-01-01T00:00:00+00:00")
+    assert effective_status(other_host) == "killed"  # stale heartbeat
+    run.finish()
+
+
+def test_default_directory_is_runs_utc_time_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("STOKER_RUN_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = start_run(RecordConfig(name="my run", save_code=False, tee_console=False))
+    run.finish()
+    assert run.dir.parent == tmp_path / "runs" or run.dir.parent.resolve() == tmp_path / "runs"
+    stamp, _, name = run.id.partition("-")[2].partition("-")
+    assert run.id[:8].isdigit() and name == "my-run"
+    assert json.loads((run.dir / "record.json").read_text())["name"] == "my run"
+
+
+def test_recording_never_blocks_the_loop_for_more_than_a_few_ms(tmp_path):
+    # A loop of ~1 ms steps; metrics flushed every 20 ms and the record rewritten every 50 ms
+    # (far more often than the defaults) by the background thread. The loop thread only
+    # queues; what it can still wait for is the GIL while that thread runs Python.
+    run = start_run(
+        RecordConfig(
+            directory=tmp_path / "run", save_code=False, flush_seconds=0.02, heartbeat_seconds=0.05
+        )
+    )
+    a = torch.randn(96, 96)
+    loss = torch.tensor(1.0)
+    times = []
+    for step in range(400):
+        for _ in range(4):
+            a @ a  # the "training step"
+        t0 = time.perf_counter()
+        run.log({"loss": loss, "lr": 1e-3}, step=step)
+        times.append(time.perf_counter() - t0)
+    run.finish()
+    times.sort()
+    assert times[len(times) // 2] < 100e-6, f"median log() {times[200] * 1e6:.0f} us"
+    assert times[int(len(times) * 0.99)] < 5e-3, f"p99 log() {times[396] * 1e3:.2f} ms"
+    assert read_record(tmp_path / "run")["summary"]["steps"] == 399
+
+
+def test_git_state_is_recorded_from_the_script_repository(tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "train.py").write_text("print(1)\n")
+    monkeypatch.setattr(run_module, "_script", lambda: repo / "train.py")
+    run = start_run(RecordConfig(directory=repo / "runs" / "r", tee_console=False))
+    run.finish()
+    record = read_record(repo / "runs" / "r")
+    assert record["git"]["repo"] == str(repo) and record["git"]["dirty"]
+    assert record["git"]["untracked_included"] == ["train.py"]
+    assert "+print(1)" in (repo / "runs" / "r" / "code.patch").read_text()
+    assert record["command"]["script"] == str(repo / "train.py")
