@@ -10,24 +10,34 @@ fused AdamW, batches from a DataLoader, so every always-on listener is exercised
 - ``window + attribution``: the same plus the 2 steps after it that run under the call-site
   recorder: the whole cost of a doctor run, per step, probes excluded.
 
+Then the rules' accuracy: for planted problems whose clean twin applies exactly the suggested
+fix (tests/doctor/planted/), the saving a rule estimated against the step time measured with the
+fix applied (unprofiled warm-up steps of both scripts, median of ``--accuracy-rounds`` runs).
+
     python benchmarks/doctor.py            # full run
     python benchmarks/doctor.py --quick    # smoke test
 """
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from stoker.bench import Bench, Candidate, bench_parser
-from stoker.doctor import Doctor, DoctorConfig
+from stoker.doctor import Doctor, DoctorConfig, diagnose_script
 
 parser = bench_parser("Doctor overhead inside and outside its profiled window.", repeats=15)
 parser.add_argument("--batch", type=int, default=256)
 parser.add_argument("--steps", type=int, default=20, help="steps per sample outside the window")
 parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+parser.add_argument("--accuracy-rounds", type=int, default=3, help="0 skips the accuracy table")
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -120,4 +130,59 @@ bench.compare(
     baseline="plain",
     unit="steps",
 )
+
+# --- accuracy: estimated saving vs the saving measured with the fix applied ------------------
+PLANTED = Path(__file__).resolve().parent.parent / "tests" / "doctor" / "planted"
+TWIN_IS_THE_FIX = (
+    "fp32_matmul",
+    "unfused_optimizer",
+    "many_small_ops",
+    "grad_zeroing",
+    "eval_without_no_grad",
+    "cpu_threads",
+    "recompiles",
+)
+rounds = 1 if args.quick else args.accuracy_rounds
+config = DoctorConfig(warmup_steps=8, window_steps=3, attribution_steps=2, stop_after_window=True)
+rows = []
+for name in TWIN_IS_THE_FIX if rounds else ():
+    code = name.replace("_", "-")
+    estimates, savings, bad_ms, clean_ms = [], [], [], []
+    for _ in range(rounds):
+        bad = diagnose_script(PLANTED / f"{name}.py", [], config)
+        clean = diagnose_script(PLANTED / f"{name}.py", ["--clean"], config)
+        shares = [f.share for f in bad.findings if f.code == code and f.share is not None]
+        estimates.append(max(shares) if shares else 0.0)
+        b, c = bad.summary["unprofiled_step_ms"], clean.summary["unprofiled_step_ms"]
+        bad_ms.append(b)
+        clean_ms.append(c)
+        savings.append(1 - c / b)
+    rows.append(
+        {
+            "code": code,
+            "fired": sum(e > 0 for e in estimates),
+            "estimated_saving": statistics.median(estimates),
+            "measured_saving": statistics.median(savings),
+            "step_ms_planted": statistics.median(bad_ms),
+            "step_ms_fixed": statistics.median(clean_ms),
+        }
+    )
+if rows:
+    table = Table(
+        title=f"doctor: estimated vs measured saving ({rounds} runs, medians, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    for col in ("code", "fired", "estimated", "measured (fix applied)", "planted ms", "fixed ms"):
+        table.add_column(col, justify="left" if col == "code" else "right")
+    for r in rows:
+        table.add_row(
+            r["code"],
+            f"{r['fired']}/{rounds}",
+            f"{100 * r['estimated_saving']:.0f}%",
+            f"{100 * r['measured_saving']:.0f}%",
+            f"{r['step_ms_planted']:.1f}",
+            f"{r['step_ms_fixed']:.1f}",
+        )
+    Console(width=120).print(table)
+    bench.meta["accuracy"] = rows
 bench.save()

@@ -289,6 +289,14 @@ def test_summarize_quantiles_match_linear_interpolation() -> None:
     s = summarize([4, 1, 3, 2, 5])
     assert (s.median, s.min, s.max, s.p25, s.p75, s.mean) == (3, 1, 5, 2, 4, 3)
     assert s.p10 == pytest.approx(1.4) and s.p90 == pytest.approx(4.6)
+    assert (s.median_lo, s.median_hi) == (1, 5)  # 5 values: too few, the whole range
+
+
+def test_median_confidence_interval_uses_binomial_ranks() -> None:
+    s = summarize(range(1, 21))  # n=20: 6th to 15th smallest (P(B <= 5) = 0.021)
+    assert (s.median_lo, s.median_hi) == (6, 15)
+    s = summarize(range(1, 41))  # n=40: 14th to 27th
+    assert (s.median_lo, s.median_hi) == (14, 27)
 
 
 def test_module_docstring_example_runs() -> None:

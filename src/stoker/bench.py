@@ -10,7 +10,8 @@ ways) compared against a named *baseline* in the same process. The harness:
   CUDA/MPS (when in use) before starting and before stopping the clock;
 - reports per-call median, min/max and p10/p90, throughput when a candidate reports its work
   (tokens, samples, ...), and the ratio to the baseline: the median over rounds of
-  ``candidate time / baseline time in the same round`` (paired, hence robust to drift);
+  ``candidate time / baseline time in the same round`` (paired, hence robust to drift), with a
+  distribution-free 95% confidence interval of that median;
 - refuses a candidate that changes process-wide state the others would inherit (torch intra-op
   threads, CPU autocast, grad mode);
 - prints a rich table per comparison and writes one JSON file per run (default directory
@@ -71,6 +72,7 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import socket
@@ -234,6 +236,10 @@ class Stats:
     p75: float
     p90: float
     mean: float
+    median_lo: float
+    """Lower end of a distribution-free 95% confidence interval of the median."""
+    median_hi: float
+    """Upper end of it; with fewer than 6 values the interval is the whole range."""
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
@@ -242,6 +248,27 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
+    """0-based ranks ``(lo, hi)`` of a distribution-free confidence interval of the median.
+
+    The number of values below the true median is Binomial(n, 1/2); the interval is
+    ``[x_(k), x_(n-k+1)]`` (1-based order statistics) for the largest k whose tail
+    ``P(B <= k-1) <= (1 - confidence) / 2``. E.g. n=20: k=6, P(B <= 5) = 0.021, so the
+    interval runs from the 6th to the 15th smallest value (Conover, Practical Nonparametric
+    Statistics, 3rd ed., section 3.2).
+    """
+    tail = (1.0 - confidence) / 2.0
+    k, cumulative = 0, 0.0
+    while k < n:
+        cumulative += math.comb(n, k) / 2.0**n  # P(B == k)
+        if cumulative > tail:
+            break
+        k += 1
+    if k == 0:  # too few values for this confidence: the whole range
+        return 0, n - 1
+    return k - 1, n - k
 
 
 def summarize(values: Iterable[float]) -> Stats:
@@ -253,6 +280,8 @@ def summarize(values: Iterable[float]) -> Stats:
     def q(p: float) -> float:
         return _quantile(ordered, p)
 
+    lo, hi = _median_ci_ranks(len(ordered))
+
     return Stats(
         n=len(ordered),
         median=q(0.5),
@@ -263,6 +292,8 @@ def summarize(values: Iterable[float]) -> Stats:
         p75=q(0.75),
         p90=q(0.9),
         mean=sum(ordered) / len(ordered),
+        median_lo=ordered[lo],
+        median_hi=ordered[hi],
     )
 
 
@@ -701,7 +732,7 @@ class Bench:
         if with_work:
             table.add_column(f"{unit}/s", justify="right")
         table.add_column(f"x {comparison.baseline}", justify="right")
-        table.add_column("ratio p10 - p90", justify="right")
+        table.add_column("ratio 95% CI", justify="right")
         for c in comparison.candidates:
             t = c.time
             row = [c.name, _fmt_s(t.median), f"{_fmt_s(t.min)} - {_fmt_s(t.max)}"]
@@ -713,7 +744,7 @@ class Bench:
             if c.name == comparison.baseline:
                 row += ["1.000 (baseline)", ""]
             else:
-                row += [f"{r.median:.3f}", f"{r.p10:.3f} - {r.p90:.3f}"]
+                row += [f"{r.median:.3f}", f"{r.median_lo:.3f} - {r.median_hi:.3f}"]
             table.add_row(*row)
         return table
 

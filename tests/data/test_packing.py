@@ -1,5 +1,7 @@
 """Packing: layout correctness, the sampler/collator contract, attention within documents."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ def test_every_token_once_in_order_and_offsets_consistent(lengths, cfg):
 
     pieces = {}  # document -> list of token runs, one per segment
     cu = out["cu_seqlens"].tolist()
-    assert cu[0] == 0 and cu[-1] == b * t and all(x < y for x, y in zip(cu, cu[1:]))
+    assert cu[0] == 0 and cu[-1] == b * t and all(x < y for x, y in itertools.pairwise(cu))
     bounds = set(cu)
     for r in range(b):
         for seg in np.unique(doc_ids[r][doc_ids[r] >= 0]):
@@ -100,12 +102,17 @@ def test_a_subset_of_rows_repacks_into_the_same_rows(lengths, cfg, data):
 
 
 @FAST
-@given(st.lists(st.integers(0, 150), min_size=1, max_size=120), st.integers(1, 4),
-       st.sampled_from(["split", "truncate"]), st.integers(0, 1000))
+@given(
+    st.lists(st.integers(0, 150), min_size=1, max_size=120),
+    st.integers(1, 4),
+    st.sampled_from(["split", "truncate"]),
+    st.integers(0, 1000),
+)
 def test_sampler_batches_collate_into_fixed_rows(lengths, extra_rows, mode, seed):
     cfg0 = PackingConfig(max_len=48, long_documents=mode)
-    cfg = PackingConfig(max_len=48, rows=max(1, *map(cfg0.rows_alone, lengths)) + extra_rows,
-                        long_documents=mode)
+    cfg = PackingConfig(
+        max_len=48, rows=max(1, *map(cfg0.rows_alone, lengths)) + extra_rows, long_documents=mode
+    )
     docs = _docs(lengths)
     sampler = PackedBatchSampler(lengths, cfg, window=32, seed=seed)
     loader = DataLoader(docs, batch_sampler=sampler, collate_fn=PackingCollator(cfg))
@@ -128,8 +135,11 @@ def test_rows_none_grows_and_fixed_rows_refuses_overflow():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"max_len": 0}, "max_len"), ({"max_len": 8, "rows": 0}, "rows"),
-     ({"max_len": 8, "long_documents": "drop"}, "split, truncate")],
+    [
+        ({"max_len": 0}, "max_len"),
+        ({"max_len": 8, "rows": 0}, "rows"),
+        ({"max_len": 8, "long_documents": "drop"}, "split, truncate"),
+    ],
 )
 def test_config_errors_list_valid_values(kwargs, match):
     with pytest.raises(StokerError, match=match):
@@ -196,8 +206,11 @@ def test_packed_encoder_equals_each_document_alone():
     docs = [rng.integers(2, 300, size=n) for n in lengths]
     batch = PackingCollator(PackingConfig(max_len=64))(docs)
     with torch.no_grad():
-        packed = model(batch["input_ids"], document_ids=batch["document_ids"],
-                       position_ids=batch["position_ids"])
+        packed = model(
+            batch["input_ids"],
+            document_ids=batch["document_ids"],
+            position_ids=batch["position_ids"],
+        )
         diffs = []
         for r, row in enumerate(pack_rows(lengths, PackingConfig(max_len=64))):
             col = 0

@@ -156,3 +156,45 @@ def test_config_validation() -> None:
         DoctorConfig(window_steps=0)
     with pytest.raises(StokerError, match="warmup_steps=-1"):
         DoctorConfig(warmup_steps=-1)
+
+
+TOKENS = """
+import sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+REAL = int(sys.argv[1])  # real tokens per 64-token row; the rest is padding
+
+
+def collate(rows):
+    ids = torch.stack(rows)
+    valid = torch.zeros(ids.shape, dtype=torch.bool)
+    valid[:, :REAL] = True
+    return {"input_ids": ids, "valid": valid}
+
+
+loader = DataLoader([torch.randint(0, 100, (64,)) for _ in range(256)], batch_size=16,
+                    collate_fn=collate)
+model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 64))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for batch in loader:
+    loss = model(batch["input_ids"]).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+@pytest.mark.parametrize("real,expected", [(16, 0.75), (64, 0.0)])
+def test_padding_counted_from_token_batches(tmp_path: Path, real: int, expected: float) -> None:
+    path = tmp_path / "tokens.py"
+    path.write_text(TOKENS)
+    report = diagnose_script(path, [str(real)], FAST)
+    codes = {f.code: f for f in report.findings}
+    if expected:
+        waste = codes["padding-waste"]
+        assert waste.evidence["padding_fraction"] == pytest.approx(expected)
+        assert waste.location is not None and waste.location.endswith("tokens.py:17")
+    else:
+        assert "padding-waste" not in codes

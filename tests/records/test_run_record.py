@@ -117,7 +117,7 @@ def test_default_directory_is_runs_utc_time_name(tmp_path, monkeypatch):
     run = start_run(RecordConfig(name="my run", save_code=False, tee_console=False))
     run.finish()
     assert run.dir.parent == tmp_path / "runs" or run.dir.parent.resolve() == tmp_path / "runs"
-    stamp, _, name = run.id.partition("-")[2].partition("-")
+    _, _, name = run.id.partition("-")[2].partition("-")
     assert run.id[:8].isdigit() and name == "my-run"
     assert json.loads((run.dir / "record.json").read_text())["name"] == "my run"
 
@@ -162,3 +162,19 @@ def test_git_state_is_recorded_from_the_script_repository(tmp_path, monkeypatch)
     assert record["git"]["untracked_included"] == ["train.py"]
     assert "+print(1)" in (repo / "runs" / "r" / "code.patch").read_text()
     assert record["command"]["script"] == str(repo / "train.py")
+
+
+def test_find_run_by_unique_part(tmp_path):
+    from stoker.errors import StokerError
+    from stoker.records import find_run
+
+    for rid in ("20250101-000000-alpha", "20250102-000000-beta", "20250103-000000-beta"):
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "record.json").write_text(json.dumps({"id": rid, "started": rid}))
+    assert find_run("alpha", tmp_path).name == "20250101-000000-alpha"
+    assert find_run("0102", tmp_path).name == "20250102-000000-beta"
+    assert find_run("-1", tmp_path).name == "20250103-000000-beta"
+    with pytest.raises(StokerError, match="'beta' matches 2 runs"):
+        find_run("beta", tmp_path)
+    with pytest.raises(StokerError, match=r"no run 'gamma'.*recent ones"):
+        find_run("gamma", tmp_path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,6 +107,11 @@ class Snapshot:
         return sum(f.nbytes for f in self.files)
 
 
+def _raw(t: torch.Tensor) -> np.ndarray:
+    # (numel,) of any dtype -> (numel * itemsize,) uint8 NumPy view of the same memory.
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
     # Two tensors with equal keys are the same view of the same memory (tied weights).
     return (
@@ -119,20 +125,35 @@ def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 class _Copier:
-    """Turns live tensors into what a snapshot holds: the tensor itself, or a private copy."""
+    """Turns live tensors into what a snapshot holds: the tensor itself, or a private copy.
 
-    def __init__(self, copy: bool) -> None:
+    ``pool`` (kept by the caller across saves) holds last save's copies: copying into them
+    skips allocating and first-touching fresh memory, about 2.5x faster on CPU (400 MB: 0.07 s
+    instead of 0.17 s measured here), and pinned memory is slow to allocate. The caller must
+    not reuse a pool while an earlier snapshot from it is still being written.
+    """
+
+    def __init__(self, copy: bool, pool: dict[tuple[str, str], torch.Tensor] | None) -> None:
         self.copy = copy
+        self.pool = pool
         self.events: list[Any] = []
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, key: tuple[str, str], t: torch.Tensor, pinned: bool) -> torch.Tensor:
+        buf = self.pool.get(key) if self.pool is not None else None
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+            if self.pool is not None:
+                self.pool[key] = buf
+        return buf
+
+    def __call__(self, t: torch.Tensor, key: tuple[str, str]) -> torch.Tensor:
         t = t.detach()
         if not self.copy:
             return t
         if t.device.type == "cuda":
             # Pinned destination + non_blocking: the copy is queued on the stream and the
             # writer thread waits on the event, so the loop's thread never waits for the GPU.
-            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out = self._buffer(key, t, pinned=True)
             out.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -140,7 +161,13 @@ class _Copier:
             return out
         if t.device.type != "cpu":
             return t.to("cpu")
-        return t.clone(memory_format=torch.contiguous_format)
+        buf = self._buffer(key, t, pinned=False)
+        if t.is_contiguous() and t.numel() > 0:
+            # A plain memcpy through NumPy: single-threaded, so no OpenMP team to wait for on a
+            # busy machine (measured here: 4-5 GB/s vs 1.3-3 GB/s for Tensor.copy_).
+            np.copyto(_raw(buf), _raw(t))
+            return buf
+        return buf.copy_(t)
 
 
 def _tensor_file(
@@ -156,7 +183,7 @@ def _tensor_file(
             aliases[key] = first[vk]
             continue
         first[vk] = key
-        unique[key] = copier(t)
+        unique[key] = copier(t, (name, key))
     metadata = dict(extra_meta)
     if aliases:
         metadata[_ALIASES] = json.dumps(aliases, sort_keys=True)
@@ -176,8 +203,13 @@ def snapshot(
     rank_state: Mapping[str, Any] | None = None,
     rng: bool = True,
     copy: bool = False,
+    pool: dict[tuple[str, str], torch.Tensor] | None = None,
 ) -> Snapshot:
-    """Collect the files this rank writes for ``state`` (rank 0 writes the shared ones)."""
+    """Collect the files this rank writes for ``state`` (rank 0 writes the shared ones).
+
+    ``copy``: private CPU copies of every tensor (for a background write), made into the
+    buffers of ``pool`` when given (see ``_Copier``).
+    """
     if not isinstance(state, Mapping):
         raise CheckpointError(
             f"checkpoint state must be a dict of name -> object, got {type(state).__name__}; "
@@ -186,7 +218,7 @@ def snapshot(
     bad = [k for k in state if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"checkpoint state keys must be strings; these are not: {bad!r}")
-    copier = _Copier(copy)
+    copier = _Copier(copy, pool)
     snap = Snapshot(rank=rank, world_size=world_size, copied=copy)
     if rank == 0:
         entries: dict[str, Any] = {}

@@ -66,8 +66,9 @@ class RaggedSummary:
         return out
 
 
-def summarize(real: np.ndarray | Sequence[Sequence[int]],
-              computed: np.ndarray | Sequence[Sequence[int]]) -> RaggedSummary:
+def summarize(
+    real: np.ndarray | Sequence[Sequence[int]], computed: np.ndarray | Sequence[Sequence[int]]
+) -> RaggedSummary:
     """Summarise per-rank per-step counts ``real[r, s]`` and ``computed[r, s]`` ([R, S])."""
     real_a = np.asarray(real, dtype=np.int64)
     comp_a = np.asarray(computed, dtype=np.int64)
@@ -94,7 +95,8 @@ def summarize(real: np.ndarray | Sequence[Sequence[int]],
         computed_tokens=total_comp,
         padding_fraction=1.0 - total_real / total_comp if total_comp else 0.0,
         real_tokens_per_step=total_real / (ranks * steps) if steps else 0.0,
-        real_tokens_per_rank=tuple(float(x) for x in real_a.mean(axis=1)) if steps
+        real_tokens_per_rank=tuple(float(x) for x in real_a.mean(axis=1))
+        if steps
         else (0.0,) * ranks,
         imbalance=float(ratio.mean()),
         imbalance_worst=float(ratio.max()),

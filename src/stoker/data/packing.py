@@ -243,8 +243,13 @@ class PackedBatchSampler(PlannedBatchSampler):
 
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config
-        return {**super()._fingerprint(), "max_len": cfg.max_len, "rows": cfg.rows,
-                "long_documents": cfg.long_documents, "window": self.window}
+        return {
+            **super()._fingerprint(),
+            "max_len": cfg.max_len,
+            "rows": cfg.rows,
+            "long_documents": cfg.long_documents,
+            "window": self.window,
+        }
 
     def _rows_needed(self, docs: Sequence[int]) -> int:
         return len(pack_rows(self.lengths[list(docs)].tolist(), self.config))
@@ -330,9 +335,7 @@ class PackedBatchSampler(PlannedBatchSampler):
         head = (len(full) // parts) * parts
         steps = [ordered[i : i + parts] for i in range(0, head, parts)]
         tail_steps = -(-(len(ordered) - head) // parts)
-        tail, repeated = self._rebalance(
-            [d for b in ordered[head:] for d in b], tail_steps, steps
-        )
+        tail, repeated = self._rebalance([d for b in ordered[head:] for d in b], tail_steps, steps)
         return steps + tail, repeated
 
     def _rebalance(self, docs: list[int], num_steps: int, earlier: Plan) -> tuple[Plan, int]:

@@ -226,8 +226,12 @@ class PlannedBatchSampler(Sampler[list[int]]):
                     f"{self.epoch} were handed out; pass a count in [0, {self._position}]."
                 )
             position = consumed
-        return {"format": _STATE_FORMAT, "epoch": self.epoch, "position": position,
-                **self._fingerprint()}
+        return {
+            "format": _STATE_FORMAT,
+            "epoch": self.epoch,
+            "position": position,
+            **self._fingerprint(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken (the next iteration yields the rest)."""
@@ -280,8 +284,10 @@ def _split_steps(global_batches: list[list[int]], lengths: np.ndarray, parts: in
 def _mega_batches(rng: np.random.Generator, lengths: np.ndarray, size: int) -> np.ndarray:
     """A permutation that is sorted by length (longest first) inside each run of ``size``."""
     perm = rng.permutation(len(lengths))
-    out = [chunk[np.argsort(-lengths[chunk], kind="stable")]
-           for chunk in np.array_split(perm, range(size, len(perm), size))]
+    out = [
+        chunk[np.argsort(-lengths[chunk], kind="stable")]
+        for chunk in np.array_split(perm, range(size, len(perm), size))
+    ]
     return np.concatenate(out)
 
 
@@ -330,8 +336,12 @@ class LengthGroupedBatchSampler(PlannedBatchSampler):
             )
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {**super()._fingerprint(), "batch_size": self.batch_size,
-                "mega_batch_factor": self.mega_batch_factor, "drop_last": self.drop_last}
+        return {
+            **super()._fingerprint(),
+            "batch_size": self.batch_size,
+            "mega_batch_factor": self.mega_batch_factor,
+            "drop_last": self.drop_last,
+        }
 
     def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
         n, parts = len(self.lengths), self.num_replicas
@@ -385,8 +395,11 @@ class TokenBudgetBatchSampler(PlannedBatchSampler):
         self.mega_batch_factor = mega_batch_factor
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {**super()._fingerprint(), "max_tokens": self.max_tokens,
-                "mega_batch_factor": self.mega_batch_factor}
+        return {
+            **super()._fingerprint(),
+            "max_tokens": self.max_tokens,
+            "mega_batch_factor": self.mega_batch_factor,
+        }
 
     def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
         lengths, parts = self.lengths, self.num_replicas

@@ -14,9 +14,9 @@ Both the tokenizer and the tokenized corpus live in :func:`~stoker.data.cache.ca
   ``offsets[i]:offsets[i+1]`` delimiting document ``i``; memory-mapped on load. The key covers
   the tokenizer's JSON and the corpus fingerprint.
 
-Measured on the dev machine (2 cores, CPython 3.11.7 stdlib without tests, vocab 8,192):
-training the tokenizer takes ~10 s, tokenizing the train split ~2 s, and a cached load of
-tokenizer plus train split ~0.1 s. See the numbers in the report for this revision.
+Measured on the dev machine (2 cores, CPython 3.11.7 stdlib without tests, vocab 8,192): the
+first run trains the tokenizer in 1.9 s and tokenizes the train split (6,517 documents,
+3.14 M tokens) in 2.7 s; later runs load the tokenizer in 0.02 s and the train split in 0.08 s.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import contextlib
 import sys
 import time
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +25,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from stoker.doctor.frames import Site, is_user_file
+from stoker.doctor.frames import Site, caller_site, is_user_file
 
-__all__ = ["Attribution", "AttributionMode", "LineStats", "SyncStats"]
+__all__ = ["Attribution", "AttributionMode", "CudaSyncWatch", "LineStats", "SyncStats"]
 
 # Tensor-to-Python conversions: each waits for the device (a host sync on CUDA).
 _SYNC_NAMES = frozenset(
@@ -81,6 +82,11 @@ class LineStats:
     names: Counter[str] = field(default_factory=Counter)
     fp32_matmuls: int = 0
     grad_zeroing: int = 0
+    # Python time between back-to-back calls of this line (the loop's own overhead), and the
+    # time of the calls whose output autograd records (each adds a node to run in backward).
+    between_seconds: float = 0.0
+    grad_seconds: float = 0.0
+    grad_nodes: Counter[str] = field(default_factory=Counter)  # autograd node types created
     # The user's frames from this line outwards, to find the line in the training loop.
     chain: tuple[Site, ...] = ()
 
@@ -134,6 +140,9 @@ class AttributionMode(TorchFunctionMode):
         self.grad_ids = grad_ids
         self.step = 0
         self.loading = 0  # > 0 while a DataLoader fetches: its work is the loader's, not a line's
+        self.in_sync_call = 0  # > 0 inside a conversion this mode already records as a sync
+        self._last_direct: tuple[Site, float] | None = None  # (line, end time) of the last call
+        self._last_exit_overhead = 0.0
 
     def __torch_function__(
         self,
@@ -142,17 +151,27 @@ class AttributionMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        enter = time.perf_counter()
         kwargs = kwargs or {}
         if self.loading:
             return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        self.in_sync_call += name in _SYNC_NAMES or name in _DEVICE_SYNC_NAMES
         start = time.perf_counter()
-        out = func(*args, **kwargs)
-        elapsed = time.perf_counter() - start
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.in_sync_call -= name in _SYNC_NAMES or name in _DEVICE_SYNC_NAMES
+        end = time.perf_counter()
         with contextlib.suppress(Exception):  # never break the user's step over bookkeeping
-            self._record(func, args, elapsed)
+            self._record(func, args, out, start - enter, start, end)
+        self._last_exit_overhead = time.perf_counter() - end
         return out
 
-    def _record(self, func: Any, args: tuple[Any, ...], elapsed: float) -> None:
+    def _record(
+        self, func: Any, args: tuple[Any, ...], out: Any, pre: float, start: float, end: float
+    ) -> None:
+        elapsed = end - start
         name = getattr(func, "__name__", "") or ""
         frame = sys._getframe(2)
         chain = _user_chain(frame)
@@ -189,5 +208,53 @@ class AttributionMode(TorchFunctionMode):
         stats.calls += 1
         stats.seconds += elapsed
         stats.names[name] += 1
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            stats.grad_seconds += elapsed
+            if out.grad_fn is not None:
+                stats.grad_nodes[type(out.grad_fn).__name__] += 1
+        if self._last_direct is not None and self._last_direct[0] == site:
+            # The gap minus this recorder's own work on both sides of it.
+            gap = start - self._last_direct[1] - self._last_exit_overhead - pre
+            stats.between_seconds += max(0.0, gap)
+        self._last_direct = (site, end)
         if name in _ZERO_NAMES and tensor is not None and id(tensor) in self.grad_ids:
             stats.grad_zeroing += 1
+
+
+class CudaSyncWatch:
+    """CUDA only: syncs made inside torch ops (``x[mask]``, ``nonzero``) that no Python-level
+    conversion shows, from ``torch.cuda.set_sync_debug_mode("warn")``'s warnings, attributed to
+    the user's line at the time of the warning. A no-op without an initialised CUDA context."""
+
+    def __init__(self, mode: AttributionMode) -> None:
+        self.mode = mode
+        self._saved: tuple[Any, Any] | None = None
+
+    def start(self) -> None:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return
+        previous_show = warnings.showwarning
+        self._saved = (torch.cuda.get_sync_debug_mode(), previous_show)
+
+        def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+            if "synchroniz" not in str(message):
+                previous_show(message, category, filename, lineno, *rest)
+                return
+            if self.mode.in_sync_call:
+                return  # already recorded as .item()/print/... at the user's line
+            site = caller_site()
+            if site is not None:
+                sync = self.mode.record.syncs.setdefault(site, SyncStats(site))
+                sync.kinds["cuda-sync"] += 1
+                sync.steps_seen.add(self.mode.step)
+
+        warnings.showwarning = show  # type: ignore[assignment]
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._saved is None:
+            return
+        debug_mode, show = self._saved
+        self._saved = None
+        torch.cuda.set_sync_debug_mode(debug_mode)
+        warnings.showwarning = show

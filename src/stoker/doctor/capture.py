@@ -37,6 +37,7 @@ _SYNC_OPS = frozenset({"aten::_local_scalar_dense"})
 # CUDA runtime calls where the host waits for the device.
 _CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 _INTERNAL_PREFIXES = ("Optimizer.step#", "Optimizer.zero_grad#")
+_NODE_PREFIX = "autograd::engine::evaluate_function: "
 
 
 @dataclass(slots=True)
@@ -54,6 +55,8 @@ class ProfileSummary:
     device_busy_ms: float | None = None  # CUDA: kernel time (None on CPU)
     h2d_ms: float = 0.0  # CUDA: host-to-device copies
     h2d_pageable_ms: float = 0.0  # CUDA: ... of which from pageable (unpinned) memory
+    # Backward, per autograd node type ("MulBackward0"): (ms per step, nodes per step).
+    backward_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
     # (op name, ms per step, calls per step), costliest first
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)
 
@@ -107,6 +110,8 @@ def summarize_events(events: Iterable[Any], steps: int) -> ProfileSummary:
     matmul: Counter[str] = Counter()
     per_op_ns: Counter[str] = Counter()
     per_op_calls: Counter[str] = Counter()
+    node_ns: Counter[str] = Counter()
+    node_calls: Counter[str] = Counter()
     for start, dur, name, ev in mine:
         while open_ends and open_ends[-1][0] <= start:
             open_ends.pop()
@@ -124,6 +129,10 @@ def summarize_events(events: Iterable[Any], steps: int) -> ProfileSummary:
             zero_ns += dur
         if name == "aten::add_" and enclosing and enclosing[-1].endswith("AccumulateGrad"):
             acc_ns += dur
+        if name.startswith(_NODE_PREFIX):
+            node = name[len(_NODE_PREFIX) :]
+            node_ns[node] += dur
+            node_calls[node] += 1
         if name in _MATMUL_OPS:
             dtypes = ev.dtypes()
             matmul[_dtype_name(dtypes[0]) if dtypes else "unknown"] += dur
@@ -136,6 +145,7 @@ def summarize_events(events: Iterable[Any], steps: int) -> ProfileSummary:
     out.sync_ms = (sync_ns + cuda_sync_ns) * ms
     out.zero_grad_ms = zero_ns * ms
     out.accumulate_ms = acc_ns * ms
+    out.backward_by_node = {n: (node_ns[n] * ms, node_calls[n] / steps) for n in node_ns}
     out.top_ops = [
         (n, per_op_ns[n] * ms, round(per_op_calls[n] / steps)) for n, _ in per_op_ns.most_common(8)
     ]

@@ -99,10 +99,9 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
         if not doctor.in_window:
             return orig_next(it)
         start = time.perf_counter()
-        try:
-            return orig_next(it)
-        finally:
-            record(doctor, doctor.on_data_wait)(it, time.perf_counter() - start)
+        batch = orig_next(it)
+        record(doctor, doctor.on_data_wait)(it, time.perf_counter() - start, batch)
+        return batch
 
     patches.setattr(_dataloader._BaseDataLoaderIter, "__next__", timed_next)
 
@@ -138,7 +137,7 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
         orig_zero = owner.__dict__["zero_grad"]
 
         def zero_grad(obj: Any, set_to_none: bool = True, _orig: Any = orig_zero) -> None:
-            if not doctor.active:
+            if not doctor.in_window:
                 return _orig(obj, set_to_none)
             start = time.perf_counter()
             _orig(obj, set_to_none)

@@ -98,7 +98,6 @@ def _preserved(module: torch.nn.Module) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-
 def _scaled(
     args: tuple[Any, ...], kwargs: dict[str, Any], factor: int
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

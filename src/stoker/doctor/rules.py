@@ -261,8 +261,16 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
             continue
         ms = 1e3 * line.seconds / attr.steps
         mean_us = 1e3 * ms / calls
-        # A batched op costs about what a handful of the small ones do (one per distinct op).
-        saving = ms * (1 - min(1.0, len(line.names) / calls))
+        # The loop costs its calls, the Python between them, and in backward the autograd nodes
+        # it created: this line's share of the window's time in nodes of those types (by
+        # count). A batched op costs about what a handful of the small ones do.
+        backward_ms = 0.0
+        for node, count in line.grad_nodes.items():
+            node_ms, node_calls = m.profile.backward_by_node.get(node, (0.0, 0.0))
+            if node_calls > 0:
+                backward_ms += node_ms * min(1.0, count / attr.steps / node_calls)
+        loop_ms = 1e3 * (line.seconds + line.between_seconds) / attr.steps + backward_ms
+        saving = loop_ms * (1 - min(1.0, len(line.names) / calls))
         share = saving / m.step_ms
         if share < 0.05 or mean_us > 200:
             continue
@@ -382,6 +390,27 @@ def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
     site = next((s for s in reversed(m.compile_sites) if s is not None), None)
     out = []
     frames = after["frames"] - before.get("frames", 0)
+    attach = m.compile.get("attach") or {}
+    gave_up = after.get("limit_hits", 0) - attach.get("limit_hits", 0)
+    if gave_up > 0 and frames == 0:
+        out.append(
+            Finding(
+                code="recompiles",
+                severity="high",
+                share=None,
+                title=(
+                    f"torch.compile recompiled a function until its recompile_limit and gave up "
+                    f"({gave_up} time(s)): that code now runs uncompiled, every step"
+                ),
+                fix=(
+                    "something it guards on changes every step (a Python number argument, a new "
+                    "shape): pass changing numbers as tensors, pad shapes to a few buckets, or "
+                    "`torch.compile(..., dynamic=True)`; TORCH_LOGS=recompiles shows the guard"
+                ),
+                location=_loc(site),
+                evidence={"recompile_limit_hits": gave_up},
+            )
+        )
     if frames > 0:
         ms = 1e3 * (after["compile_s"] - before.get("compile_s", 0.0)) / m.steps
         share = min(1.0, ms / m.step_ms)
@@ -629,32 +658,35 @@ def padding_waste(m: Measurements, probes: Probes) -> list[Finding]:
 
 @_rule("rank-imbalance")
 def rank_imbalance(m: Measurements, probes: Probes) -> list[Finding]:
-    """Data-parallel ranks get unequal work, so all wait for the slowest each step."""
+    """Data-parallel ranks get unequal work, so every step waits for the busiest one."""
     acc = m.extras.get("accounting") or {}
-    per_rank = acc.get("tokens_per_rank")
-    if not per_rank or len(per_rank) < 2:
+    per_rank = list(acc.get("real_tokens_per_rank") or ())
+    wait = acc.get("wait_fraction")
+    if len(per_rank) < 2 or wait is None or wait < 0.10:
         return []
-    hi = max(per_rank)
-    mean = sum(per_rank) / len(per_rank)
-    if hi <= 0:
-        return []
-    idle = 1 - mean / hi  # the fraction of the slowest rank's work the others spend waiting
+    # Ranks idle for `wait` of the busiest rank's compute time (tokens as the time proxy).
     compute = m.phases_ms["forward"] + m.phases_ms["backward"]
-    share = compute * idle / m.step_ms
-    if idle < 0.10:
-        return []
+    share = compute * wait / m.step_ms
     return [
         Finding(
             code="rank-imbalance",
             severity=_severity(share),
             share=share,
             title=(
-                f"ranks process unequal work: the largest rank has {hi:.0f} tokens per step "
-                f"against a mean of {mean:.0f}, so the others wait {100 * idle:.0f}% of the time"
+                f"ranks get unequal work: real tokens per step range {min(per_rank):.0f}-"
+                f"{max(per_rank):.0f} across {len(per_rank)} ranks, so they wait "
+                f"{100 * wait:.0f}% of the time for the busiest one"
             ),
-            fix="use a rank-balanced sampler (stoker.data samplers) so each rank gets equal tokens",
+            fix=(
+                "balance tokens, not samples, across ranks: a rank-balanced / token-budget "
+                "sampler from stoker.data.samplers (or pack sequences)"
+            ),
             location=_loc(acc.get("site")),
-            evidence={"tokens_per_rank": list(per_rank)},
+            evidence={
+                "real_tokens_per_rank": [round(x, 1) for x in per_rank],
+                "wait_fraction": round(wait, 3),
+                "imbalance": acc.get("imbalance"),
+            },
         )
     ]
 

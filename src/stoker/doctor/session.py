@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from stoker.doctor import hooks
-from stoker.doctor.attribution import Attribution, AttributionMode
+from stoker.doctor.attribution import Attribution, AttributionMode, CudaSyncWatch
 from stoker.doctor.capture import ProfileSummary, summarize_events
 from stoker.doctor.frames import Site, caller_site
 from stoker.errors import StokerError
@@ -167,6 +168,9 @@ def _dynamo_snapshot() -> dict[str, Any]:
         "graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": dict(counters["graph_break"]),
         "compile_s": float(sum(compilation_time_metrics.get("_compile.compile_inner", []))),
+        "limit_hits": sum(
+            n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason
+        ),
     }
 
 
@@ -225,11 +229,14 @@ class Doctor:
         self._summary: ProfileSummary | None = None
         self._attr = Attribution()
         self._mode: AttributionMode | None = None
+        self._cuda_watch: CudaSyncWatch | None = None
         self._dynamo_was_disabled = False
         self._dyn_attach: dict[str, Any] = {}
         self._dyn0: dict[str, Any] = {}
         self._dyn1: dict[str, Any] = {}
         self._report: Any = None
+        self._tokens: Any = None  # stoker.data.accounting.TokenCounter, for token batches
+        self._accounting: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, *, auto_step: bool = True) -> Doctor:
@@ -246,7 +253,7 @@ class Doctor:
         if self._phase != "idle":  # re-attached after its window: listen, never re-profile
             return self
         self._phase = "warmup"
-        self._next = max(1, self.config.warmup_steps - 3)
+        self._next = min(2, self.config.warmup_steps)  # step 1 is allocation and first calls
         if self.config.warmup_steps == 0:
             self._next = 0
             self._start_window()
@@ -365,9 +372,14 @@ class Doctor:
         self._dynamo_disable(True)
         self._mode = AttributionMode(self._attr, self._grad_ids())
         self._mode.__enter__()
+        self._cuda_watch = CudaSyncWatch(self._mode)
+        self._cuda_watch.start()
 
     def _end_mode(self) -> None:
         mode, self._mode = self._mode, None
+        if self._cuda_watch is not None:
+            self._cuda_watch.stop()
+            self._cuda_watch = None
         if mode is not None:
             mode.__exit__(None, None, None)
             self._dynamo_disable(False)
@@ -405,8 +417,8 @@ class Doctor:
             self._primary = id(opt)
         if self.in_window:
             self._opt_t0 = time.perf_counter()
-        if self._loop_site is None or self._phase == "window":
-            self._loop_site = self._loop_site or caller_site()
+        if self._loop_site is None:
+            self._loop_site = caller_site()
         if self._mode is not None:
             self._mode.grad_ids |= self._grad_ids()
 
@@ -430,8 +442,20 @@ class Doctor:
         if id(opt) == self._primary:
             self.step()
 
-    def on_data_wait(self, it: Any, seconds: float) -> None:
+    def on_data_wait(self, it: Any, seconds: float, batch: Any) -> None:
         self._acc["data"] += seconds
+        if isinstance(batch, Mapping):  # token batches: count padding (device ops, no sync)
+            valid = batch.get("valid")
+            if not (isinstance(valid, torch.Tensor) and valid.dtype == torch.bool):
+                mask = batch.get("attention_mask")
+                is_mask = isinstance(mask, torch.Tensor) and mask.dim() == 2
+                valid = mask.bool() if isinstance(mask, torch.Tensor) and is_mask else None
+            if valid is not None:
+                if self._tokens is None:
+                    from stoker.data.accounting import TokenCounter
+
+                    self._tokens = TokenCounter()
+                self._tokens.update(valid)
         ref = getattr(it, "_stoker_doctor_loader", None)
         loader = ref() if ref is not None else None
         key = id(loader) if loader is not None else id(type(it))
@@ -459,6 +483,7 @@ class Doctor:
         key = (id(module), training, grad)
         info = self._forwards.get(key)
         if info is None:
+
             def keep(a: Any) -> Any:
                 return a.detach() if isinstance(a, torch.Tensor) else a
 
@@ -482,6 +507,20 @@ class Doctor:
             key = (site, bool(set_to_none))
             self._zero[key] = self._zero.get(key, 0.0) + seconds
 
+    def set_accounting(self, summary: Any, site: Site | None = None) -> None:
+        """Give the rules a ``stoker.data.accounting.RaggedSummary`` (padding, rank balance)
+        measured by the caller; otherwise the doctor counts token batches in its window."""
+        self._accounting = {**summary.as_dict(), "site": site}
+
+    def _accounting_summary(self) -> dict[str, Any] | None:
+        if self._accounting is not None:
+            return self._accounting
+        if self._tokens is None or not self._tokens.steps:
+            return None
+        loader = max(self._loaders.values(), key=lambda x: x.wait_s, default=None)
+        site = (loader.site or loader.iterated_at) if loader is not None else None
+        return {**self._tokens.summary().as_dict(), "site": site}
+
     # ------------------------------------------------------------------ results
     def measurements(self) -> Measurements:
         """The numbers of the completed window; raises StokerError when there is no window."""
@@ -490,7 +529,7 @@ class Doctor:
                 f"the doctor disabled itself after an internal error ({self.failed!r}); "
                 "the run itself was not affected — please report this"
             )
-        if self._summary is None:
+        if self._summary is None or not self._window:
             raise StokerError(
                 f"the run took {self.steps} optimizer step(s), fewer than the doctor needs to "
                 f"profile ({self.config.warmup_steps} warm-up + {self.config.window_steps} "
@@ -531,6 +570,7 @@ class Doctor:
                 "set_at": self.thread_sites[-1] if self.thread_sites else None,
                 "omp_env": env_threads,
             },
+            extras={"accounting": self._accounting_summary()},
         )
 
     def report(self) -> Any:
