@@ -106,3 +106,35 @@ def test_bad_config() -> None:
     model, _ = _setup()
     with pytest.raises(StokerError, match="needs the optimizer"):
         Watchdog(model, config=WatchdogConfig(policy="skip"))
+
+
+def test_mixed_dtypes_and_missing_grads() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    model[1].to(torch.bfloat16)  # a bf16 layer among fp32 ones
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wd = Watchdog(model, opt)
+    unused = nn.Parameter(torch.zeros(3))  # never gets a gradient
+    wd._params.append(unused)
+    wd._names.append("unused")
+    with pytest.raises(NonFiniteError) as info:
+        for step in range(1, 8):
+            x = torch.randn(4, 8)
+            h = model[1](model[0](x).bfloat16()).float()
+            if step == 2:
+                h = h * float("inf")
+            loss = model[2](h).pow(2).mean()
+            wd.observe(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert info.value.step == 2 and info.value.param == "0.weight"
+    wd.close()
+
+
+def test_docstring_example() -> None:
+    import doctest
+
+    import stoker.watchdog
+
+    assert doctest.testmod(stoker.watchdog, raise_on_error=False).failed == 0

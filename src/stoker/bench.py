@@ -7,19 +7,20 @@ ways) compared against a named *baseline* in the same process. The harness:
   C B A, round 2 A B C, ... so slow drift (thermal, turbo, a neighbour on the VM) hits every
   candidate alike;
 - times each sample with :func:`time.perf_counter` around ``number`` calls, synchronising
-  CUDA/MPS (when in use) before starting and before stopping the clock;
+  CUDA/MPS (when in use) before starting and before stopping the clock (``--clock thread``
+  measures the thread's CPU time instead, with one torch thread: steadier on a busy machine);
 - reports per-call median, min/max and p10/p90, throughput when a candidate reports its work
   (tokens, samples, ...), and the ratio to the baseline: the median over rounds of
   ``candidate time / baseline time in the same round`` (paired, hence robust to drift), with a
   distribution-free 95% confidence interval of that median;
 - refuses a candidate that changes process-wide state the others would inherit (torch intra-op
-  threads, CPU autocast, grad mode);
+  threads, CPU autocast, grad mode, fp32 matmul precision);
 - prints a rich table per comparison and writes one JSON file per run (default directory
   ``bench-results/``) holding every sample plus the environment: versions, CPU model and flags,
-  threads, hostname, git revision, timestamp.
+  threads, load average, hostname, git revision, timestamp.
 
 A benchmark script looks like this (every script in ``benchmarks/`` has the same CLI:
-``--quick``, ``--repeats``, ``--warmup``, ``--out``, ``--no-save``)::
+``--quick``, ``--repeats``, ``--warmup``, ``--out``, ``--no-save``, ``--clock``)::
 
     import torch
     from stoker.bench import Bench, Candidate, bench_parser
@@ -57,7 +58,7 @@ Executed example (tests/test_bench.py runs it):
     ...     "sleep",
     ...     [
     ...         Candidate("short", lambda: time.sleep(0.001)),
-    ...         Candidate("long", lambda: time.sleep(0.004)),
+    ...         Candidate("long", lambda: time.sleep(0.010)),
     ...     ],
     ...     baseline="short",
     ... )

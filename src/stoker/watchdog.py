@@ -22,16 +22,26 @@ for that step: Adam's moments decay once; they never see a nan).
 Checkpoints: call :meth:`Watchdog.verify` (waits for pending checks) or read
 :attr:`Watchdog.healthy` before writing one; a run stopped by the watchdog is never healthy.
 
-Example::
+Example (the loss turns nan at step 3; ``optimizer.step()`` raises by step 5):
 
-    watchdog = Watchdog(model, optimizer, WatchdogConfig(policy="stop"))
-    for x, y in loader:
-        loss = F.cross_entropy(model(x), y)
-        watchdog.observe(loss)      # device op, no sync
-        loss.backward()
-        optimizer.step()            # raises NonFiniteError within 2 steps of a nan/inf
-        optimizer.zero_grad()
-    watchdog.close()
+>>> import torch
+>>> model = torch.nn.Linear(4, 1)
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> watchdog = Watchdog(model, optimizer, WatchdogConfig(policy="stop"))
+>>> try:
+...     for step in range(1, 11):
+...         x = torch.full((8, 4), float("nan") if step == 3 else 1.0)
+...         loss = model(x).pow(2).mean()
+...         watchdog.observe(loss)      # a device op, no sync
+...         loss.backward()
+...         optimizer.step()            # raises NonFiniteError within 2 steps of the nan
+...         optimizer.zero_grad()
+... except NonFiniteError as exc:
+...     print(exc.step, exc.param, step <= 5)
+3 weight True
+>>> watchdog.healthy
+False
+>>> watchdog.close()
 """
 
 from __future__ import annotations
@@ -205,7 +215,7 @@ class Watchdog:
                 zero = torch.zeros((), device=device)  # a parameter without a grad is fine
                 parts.append(
                     torch.stack(
-                        [next(norms).to(device) if g is not None else zero for g in grads]
+                        [next(norms).float() if g is not None else zero for g in grads]
                     ).isfinite()
                 )
         return torch.cat(parts)

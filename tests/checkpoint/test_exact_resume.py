@@ -50,6 +50,15 @@ def test_two_process_ddp_sigkill_and_resume_is_bitwise_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_ddp_async_save_resume_is_bitwise_exact(tmp_path):
+    # Background saves coordinate the ranks on their own gloo group from a helper thread.
+    args = ["--steps", "16", "--every", "3", "--async-save", "--fast-start"]
+    result = _check(tmp_path, args, kills=1, seed=0, nproc=2)
+    assert result.kill_steps == [14]  # after several completed background saves
+    assert result.identical, result.differences
+
+
+@pytest.mark.slow
 def test_ten_random_kill_points_all_resume_exactly(tmp_path):
     result = _check(tmp_path, ["--steps", "60", "--every", "4"], kills=10, seed=2024)
     assert len(result.kill_steps) == 10

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from stoker.data.accounting import RaggedSummary, TokenCounter, summarize, summarize_plan
+from stoker.data.accounting import RaggedSummary, TokenCounter, summarize_counts, summarize_plan
 from stoker.data.mlm import pad_batch
 from stoker.data.packing import PackedBatchSampler, PackingCollator, PackingConfig
 from stoker.data.samplers import LengthGroupedBatchSampler
@@ -20,7 +20,7 @@ from stoker.errors import StokerError
 
 def test_summarize_by_hand():
     # 2 ranks x 2 steps: step 0 real [10, 12], step 1 real [20, 10].
-    s = summarize([[10, 20], [12, 10]], [[16, 32], [16, 32]])
+    s = summarize_counts([[10, 20], [12, 10]], [[16, 32], [16, 32]])
     assert (s.steps, s.ranks, s.real_tokens, s.computed_tokens) == (2, 2, 52, 96)
     assert s.padding_fraction == pytest.approx(1 - 52 / 96)
     assert s.imbalance == pytest.approx((12 / 10 + 20 / 10) / 2)
@@ -31,13 +31,13 @@ def test_summarize_by_hand():
 
 
 def test_summarize_edge_cases_and_errors():
-    empty = summarize(np.zeros((2, 0)), np.zeros((2, 0)))
+    empty = summarize_counts(np.zeros((2, 0)), np.zeros((2, 0)))
     assert empty.steps == 0 and empty.padding_fraction == 0.0 and empty.imbalance == 1.0
-    assert summarize([[0, 5]], [[4, 8]]).imbalance == 1.0  # one rank is always balanced
+    assert summarize_counts([[0, 5]], [[4, 8]]).imbalance == 1.0  # one rank is always balanced
     with pytest.raises(StokerError, match="same shape"):
-        summarize([[1, 2]], [[1, 2, 3]])
+        summarize_counts([[1, 2]], [[1, 2, 3]])
     with pytest.raises(StokerError, match="above"):
-        summarize([[5]], [[4]])
+        summarize_counts([[5]], [[4]])
 
 
 def _docs(n=500, seed=0):

@@ -149,6 +149,7 @@ def test_runtime_api_manual_steps() -> None:
     report = doctor.report()
     assert report.summary["profiled_steps"] == 2
     assert report.summary["phases_ms"]["forward"] > 0
+    assert report.summary["phases_ms"]["optimizer"] > 0  # timed by the hooks, not counted
 
 
 def test_config_validation() -> None:
@@ -198,3 +199,9 @@ def test_padding_counted_from_token_batches(tmp_path: Path, real: int, expected:
         assert waste.location is not None and waste.location.endswith("tokens.py:17")
     else:
         assert "padding-waste" not in codes
+
+
+def test_docstring_example() -> None:
+    import doctest
+
+    assert doctest.testmod(session_module, raise_on_error=False).failed == 0

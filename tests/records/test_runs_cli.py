@@ -153,3 +153,17 @@ def test_find_run_by_part_of_the_id_or_position(runs):
     assert find_run("-1", repo / "runs") == newest.dir
     assert find_run(str(found["0.05"].dir)) == found["0.05"].dir
     assert find_run(found["0.05"].id, repo / "runs") == found["0.05"].dir
+
+
+@pytest.mark.slow
+def test_sigterm_is_recorded_as_killed_by_the_process_itself(tmp_path):
+    shutil.copy(SCRIPT, tmp_path / "tiny_train.py")
+    proc = _start(tmp_path, "--hang")
+    assert proc.stdout.readline().startswith("final loss")
+    assert proc.stdout.readline() == "hanging\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # still dies of the signal
+    (run,) = list_runs(tmp_path / "runs")
+    assert run.record["status"] == "killed"  # written by the handler, not inferred
+    assert run.record["error"]["message"] == "terminated by SIGTERM"
+    assert run.record["git"] is None  # not in a repository: recorded as such

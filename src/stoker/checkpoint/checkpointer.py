@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -103,6 +104,26 @@ def _env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise StokerError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+# Niceness of the background writer (and the hashing thread it starts, which inherits it):
+# it then mostly runs when the training threads leave a core idle, instead of making their
+# OpenMP teams wait for a descheduled member.
+_WRITER_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: nice applies per thread)."""
+    get_id = getattr(threading, "get_native_id", None)
+    if get_id is None or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = get_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _WRITER_NICE)
+        )
+    except OSError:
+        pass
 
 
 class Checkpointer:
@@ -251,6 +272,7 @@ class Checkpointer:
             prune(self.directory, self.config.keep_last, protect=target)
 
     def _write_in_background(self, target: Path, snap: Any, step: int) -> None:
+        _lower_thread_priority()
         try:
             self._write(target, snap, step)
         except CheckpointError as exc:

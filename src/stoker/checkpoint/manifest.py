@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,9 +127,8 @@ def verify(directory: str | Path) -> Manifest:
     directory = Path(directory)
     manifest = read_manifest(directory)
     for name, entry in sorted(manifest.files.items()):
-        path = directory / name
         try:
-            size = path.stat().st_size
+            size = (directory / name).stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {directory}: {name} is missing") from None
         if size != entry.bytes:
@@ -135,7 +136,23 @@ def verify(directory: str | Path) -> Manifest:
                 f"checkpoint {directory}: {name} has {size} bytes, the manifest says "
                 f"{entry.bytes} (truncated or overwritten)"
             )
-        digest, _ = sha256_file(path)
+    # Files are hashed in parallel (hashlib releases the GIL): SHA-256 is the slow part of a
+    # load, ~1.2 GB/s per core here.
+    names = sorted(manifest.files, key=lambda n: -manifest.files[n].bytes)
+    workers = max(1, min(len(names), os.cpu_count() or 1, 4))
+
+    def digest_of(name: str) -> str | None:
+        try:
+            return sha256_file(directory / name)[0]
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(workers, "stoker-verify") as pool:
+        digests = dict(zip(names, pool.map(digest_of, names), strict=True))
+    for name, entry in sorted(manifest.files.items()):
+        digest = digests[name]
+        if digest is None:
+            raise CheckpointError(f"checkpoint {directory}: {name} could not be read")
         if digest != entry.sha256:
             raise CheckpointError(
                 f"checkpoint {directory}: {name} fails its SHA-256 check (corrupted: "

@@ -31,7 +31,7 @@ from torch import Tensor
 from stoker.data.packing import PackingConfig
 from stoker.errors import StokerError
 
-__all__ = ["RaggedSummary", "TokenCounter", "summarize", "summarize_plan"]
+__all__ = ["RaggedSummary", "TokenCounter", "summarize_counts", "summarize_plan"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +66,7 @@ class RaggedSummary:
         return out
 
 
-def summarize(
+def summarize_counts(
     real: np.ndarray | Sequence[Sequence[int]], computed: np.ndarray | Sequence[Sequence[int]]
 ) -> RaggedSummary:
     """Summarise per-rank per-step counts ``real[r, s]`` and ``computed[r, s]`` ([R, S])."""
@@ -74,11 +74,14 @@ def summarize(
     comp_a = np.asarray(computed, dtype=np.int64)
     if real_a.ndim != 2 or real_a.shape != comp_a.shape:
         raise StokerError(
-            f"summarize wants real and computed counts of the same shape [ranks, steps]; got "
-            f"{real_a.shape} and {comp_a.shape}."
+            f"summarize_counts wants real and computed counts of the same shape [ranks, "
+            f"steps]; got {real_a.shape} and {comp_a.shape}."
         )
     if (real_a > comp_a).any() or (real_a < 0).any():
-        raise StokerError("summarize got real token counts above the computed ones or below 0.")
+        raise StokerError(
+            "summarize_counts got real token counts above the computed ones or below 0; pass "
+            "(non-padding tokens, all computed positions) per rank and step."
+        )
     ranks, steps = real_a.shape
     total_real, total_comp = int(real_a.sum()), int(comp_a.sum())
     if steps == 0:
@@ -138,7 +141,7 @@ def summarize_plan(
                 computed[r, s] = per_batch
             else:
                 computed[r, s] = len(tokens) * (int(tokens.max()) if len(tokens) else 0)
-    return summarize(real, computed)
+    return summarize_counts(real, computed)
 
 
 class TokenCounter:
@@ -208,6 +211,6 @@ class TokenCounter:
             gathered = [torch.empty_like(counts) for _ in range(world)]
             dist.all_gather(gathered, counts)
             stacked = torch.stack(gathered).cpu().numpy()  # [R, 2, S]
-            return summarize(stacked[:, 0], stacked[:, 1])
+            return summarize_counts(stacked[:, 0], stacked[:, 1])
         host = counts.cpu().numpy()
-        return summarize(host[:1], host[1:])
+        return summarize_counts(host[:1], host[1:])

@@ -25,9 +25,13 @@ those rows again. The collator also works alone, behind any sampler, with a vari
 rows (``rows=None``).
 
 Attention that does not cross documents: :func:`block_diagonal_mask` for
-``F.scaled_dot_product_attention`` (any device), or :func:`packed_attention` with
-``backend="flex"`` (``torch.nn.attention.flex_attention``, compiled, which skips fully masked
-blocks instead of computing them).
+``F.scaled_dot_product_attention`` (any device; what stoker's encoder does), or
+:func:`packed_attention` with ``backend="flex"`` (compiled ``flex_attention``, which skips
+fully masked blocks). Measured with torch 2.13 on the 2-core CPU: FlexAttention runs
+(compiled and eager, results within 1e-6 of the dense mask) but has **no backward on CPU**, and
+its forward was not faster than the dense mask at the tiny encoder's shapes (see
+``benchmarks/ragged.py --flex``); so the dense mask is the default, and flex is for GPUs or
+inference.
 """
 
 from __future__ import annotations
@@ -238,7 +242,8 @@ class PackedBatchSampler(PlannedBatchSampler):
             raise StokerError(
                 f"document {worst} has {int(self.lengths[worst])} tokens = {need[worst]} rows "
                 f"of {config.max_len} > PackingConfig.rows={config.rows}; raise rows, use "
-                f"long_documents='truncate', or cut documents first (chunk_documents)."
+                f"long_documents='truncate', or cut documents first "
+                f"(stoker.data.mlm.chunk_documents)."
             )
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -418,7 +423,8 @@ def packed_attention(
     [B, H, T, D]. ``"sdpa"`` materialises :func:`block_diagonal_mask` ([B, 1, T, T] bool) and
     calls ``F.scaled_dot_product_attention``; ``"flex"`` builds a FlexAttention block mask and
     runs the compiled kernel, which skips blocks that are fully masked (first call compiles,
-    per shape). Both give the same result up to float rounding.
+    per shape; torch 2.13 has no FlexAttention backward on CPU). Both give the same result up
+    to float rounding.
     """
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(document_ids))

@@ -389,7 +389,7 @@ class TokenBudgetBatchSampler(PlannedBatchSampler):
             bad = int(self.lengths.argmax())
             raise StokerError(
                 f"sample {bad} has {int(self.lengths[bad])} tokens > max_tokens={max_tokens}; "
-                f"raise max_tokens or cut long samples first (stoker.data.chunk_documents)."
+                f"raise max_tokens or cut long samples first (stoker.data.mlm.chunk_documents)."
             )
         self.max_tokens = max_tokens
         self.mega_batch_factor = mega_batch_factor

@@ -5,7 +5,7 @@ Always on while attached (cost: a Python call and a flag test, per batch or per 
   ``__iter__`` (where the loader was made, its workers and ``pin_memory``);
 - ``Optimizer.__init__`` (where), ``Optimizer.zero_grad`` / ``Module.zero_grad`` (``set_to_none``);
 - ``torch.compile`` and ``torch.set_num_threads`` (where they were called);
-- torch's global optimizer step pre/post hooks (the step boundaries).
+- torch's global optimizer step pre/post hooks (optimizer time; with ``auto_step`` the steps).
 
 On only inside the profiled window: global module forward pre/post hooks (forward time, the
 model and one input batch for the probes, forwards run in eval mode with grad enabled) and a
@@ -80,7 +80,7 @@ def _guarded(doctor: Doctor, fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
+def install(doctor: Doctor) -> Callable[[], None]:
     """Install the always-on listeners for ``doctor``; returns the function that removes them."""
     patches = _Patches()
     record = _guarded
@@ -88,6 +88,7 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
     # --- data: time inside the loader iterator's __next__ --------------------------------
     orig_next = _dataloader._BaseDataLoaderIter.__next__
 
+    @functools.wraps(orig_next)
     def timed_next(it: Any) -> Any:
         mode = doctor.attribution_mode
         if mode is not None:  # the attribution steps: the loader's own calls are not a line's
@@ -107,6 +108,7 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
 
     orig_loader_init = DataLoader.__init__
 
+    @functools.wraps(orig_loader_init)
     def loader_init(loader: Any, *args: Any, **kwargs: Any) -> None:
         orig_loader_init(loader, *args, **kwargs)
         loader.__dict__[_SITE_ATTR] = caller_site()
@@ -115,6 +117,7 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
 
     orig_loader_iter = DataLoader.__iter__
 
+    @functools.wraps(orig_loader_iter)
     def loader_iter(loader: Any) -> Any:
         it = orig_loader_iter(loader)
         with contextlib.suppress(AttributeError, TypeError):  # an iterator with __slots__
@@ -126,6 +129,7 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
     # --- optimizers: where made, how grads are zeroed, step boundaries -----------------------
     orig_opt_init = _optimizer.Optimizer.__init__
 
+    @functools.wraps(orig_opt_init)
     def opt_init(opt: Any, *args: Any, **kwargs: Any) -> None:
         orig_opt_init(opt, *args, **kwargs)
         if _SITE_ATTR not in opt.__dict__:
@@ -148,13 +152,13 @@ def install(doctor: Doctor, *, auto_step: bool) -> Callable[[], None]:
         functools.update_wrapper(zero_grad, orig_zero)
         patches.setattr(owner, "zero_grad", zero_grad)
 
-    if auto_step:
-        patches.handle(
-            _optimizer.register_optimizer_step_pre_hook(record(doctor, doctor.on_optimizer_pre))
-        )
-        patches.handle(
-            _optimizer.register_optimizer_step_post_hook(record(doctor, doctor.on_optimizer_post))
-        )
+    # Optimizer time and identity always; they also count steps when ``auto_step``.
+    patches.handle(
+        _optimizer.register_optimizer_step_pre_hook(record(doctor, doctor.on_optimizer_pre))
+    )
+    patches.handle(
+        _optimizer.register_optimizer_step_post_hook(record(doctor, doctor.on_optimizer_post))
+    )
 
     # --- where torch.compile and torch.set_num_threads were called ---------------------------
     orig_compile = torch.compile

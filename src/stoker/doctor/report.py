@@ -121,7 +121,7 @@ class Report:
         console.print(table)
         console.print(
             f"device idle {100 * s['device_idle_fraction']:.0f}% of the step, "
-            f"{s['ops_per_step']:.0f} ops per step, {s['intra_op_threads']} threads on "
+            f"{s['ops_per_step']:.0f} ops per step, {s['intra_op_threads']} intra-op thread(s) on "
             f"{s['cores']} cores"
         )
         if not self.findings:

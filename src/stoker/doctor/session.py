@@ -184,13 +184,21 @@ def _cores() -> int:
 class Doctor:
     """Profile a window of a training run and explain what to change.
 
-    Example (a plain loop; ``stoker doctor script.py`` does the same for a whole script)::
+    Example (a plain loop; ``stoker doctor script.py`` does the same for a whole script):
 
-        doctor = Doctor(DoctorConfig(warmup_steps=2, window_steps=3)).attach()
-        for x, y in loader:
-            ...; optimizer.step(); optimizer.zero_grad()
-        doctor.detach()
-        print(doctor.report().render_text())
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 4)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> config = DoctorConfig(warmup_steps=1, window_steps=2, attribution_steps=1, probes=False)
+    >>> doctor = Doctor(config).attach()
+    >>> for step in range(6):
+    ...     model(torch.randn(8, 4)).pow(2).mean().backward()
+    ...     optimizer.step()
+    ...     optimizer.zero_grad()
+    >>> doctor.detach()
+    >>> report = doctor.report()
+    >>> report.codes, report.summary["profiled_steps"]
+    ([], 2)
     """
 
     stop_exception = WindowComplete
@@ -247,7 +255,7 @@ class Doctor:
             )
         _ACTIVE.append(self)
         self._auto_step = auto_step
-        self._undo = hooks.install(self, auto_step=auto_step)
+        self._undo = hooks.install(self)
         self._dyn_attach = _dynamo_snapshot()
         self.active = True
         if self._phase != "idle":  # re-attached after its window: listen, never re-profile
@@ -439,7 +447,7 @@ class Doctor:
                     optimizer=opt,
                 )
             info.step_s += seconds
-        if id(opt) == self._primary:
+        if self._auto_step and id(opt) == self._primary:
             self.step()
 
     def on_data_wait(self, it: Any, seconds: float, batch: Any) -> None:
