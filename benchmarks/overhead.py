@@ -6,6 +6,7 @@ AdamW, the same batch already on the device): forward, loss, backward, ``optimiz
 
 - ``raw``:        plain PyTorch; bf16 = ``torch.autocast(device, bfloat16)`` around the forward
                   and the output cast to fp32 (what each framework's wrapper does too);
+- ``raw#2``:      a second, identical raw candidate: the A/A control showing the noise floor;
 - ``stoker``:     ``Stoker(precision=...)``, ``prepare``, ``stoker.backward``;
 - ``stoker+acc``: the same inside ``with stoker.accumulate(model)`` (the README's loop);
 - ``accelerate``: ``Accelerator(mixed_precision="no"|"bf16")``, ``prepare``, ``backward``;
@@ -252,6 +253,9 @@ def run_precision(args: Any, precision: str, device: torch.device, bench: Bench)
 
     builders: dict[str, Builder] = {
         "raw": raw_builder(device, precision),
+        # A/A control: a second raw copy shows the noise floor of this run (memory placement,
+        # neighbours); differences smaller than raw#2/raw are not measurable here.
+        "raw#2": raw_builder(device, precision),
         "stoker": stoker_builder(device, precision, accumulate=False),
         "stoker+acc": stoker_builder(device, precision, accumulate=True),
         "accelerate": accelerate_builder(accelerator),
@@ -297,7 +301,7 @@ def summary(comparisons: list[Comparison], console: Console) -> bool:
         caption="targets: stoker/raw <= 1.02 (mlp), <= 1.01 (mlm); stoker/peer <= 1 "
         "(a peer counts as faster only if the whole CI of stoker/peer is above 1)",
     )
-    columns = ["case", "raw / step", "stoker/raw", "stoker+acc/raw", "accelerate/raw"]
+    columns = ["case", "raw / step", "raw#2/raw", "stoker/raw", "stoker+acc/raw", "accelerate/raw"]
     columns += ["fabric/raw", "stoker/accelerate", "stoker/fabric", "verdict"]
     for col in columns:
         table.add_column(col, justify="right")
@@ -305,7 +309,7 @@ def summary(comparisons: list[Comparison], console: Console) -> bool:
     for comp in comparisons:
         model = comp.name.split()[0]
         cells = [comp.name, _fmt_ms(comp["raw"].time.median)]
-        pairs = [(n, "raw") for n in ("stoker", "stoker+acc", "accelerate", "fabric")]
+        pairs = [(n, "raw") for n in ("raw#2", "stoker", "stoker+acc", "accelerate", "fabric")]
         pairs += [("stoker", "accelerate"), ("stoker", "fabric")]
         problems: list[str] = []
         notes: list[str] = []

@@ -31,6 +31,13 @@ Why ``--max-len 512`` by default: on this corpus random batches of 32 waste abou
 60% of their tokens at 128 / 256 / 512 (table 1), so even perfect packing can gain at most
 ~1.37x / ~1.76x / ~2.49x tokens/s there; the 1.8x target is only reachable from 512.
 
+What to expect on a CPU: packing removes the padding, but a packed row attends densely over
+all ``--max-len`` positions (the block-diagonal mask hides, it does not skip), while a bucketed
+batch of short documents is also short, so its attention (quadratic in the row length) is
+cheaper. With the tiny encoder at 512, where attention is a large share of the step, packing and
+bucketing end up close; kernels that skip masked blocks (FlexAttention or varlen flash
+attention on a GPU) are where packing pulls ahead.
+
 Targets (issue 5): packed padding <= 1%, packed effective tokens/s >= 1.8x ``random``, balanced
 2-rank imbalance <= 1.05.
 

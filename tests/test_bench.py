@@ -145,6 +145,7 @@ def test_json_contents_round_trip(tmp_path: Path) -> None:
     assert cand["time_s"]["median"] == 1.0 and cand["throughput_per_s"]["median"] == 10.0
     assert {"p10", "p90", "p25", "p75", "min", "max", "median"} <= set(cand["time_s"])
     assert "environment" in data and "torch_threads" in data["environment"]
+    assert len(data["load_average_end"]) == 3
 
     other = Bench("merged", BenchConfig(out_dir=None), quiet=True)
     (loaded,) = other.include(path)

@@ -562,6 +562,8 @@ class Bench:
                 clock = time.thread_time
                 torch.set_num_threads(1)
         self._clock = clock
+        self.environment = environment()
+        """Captured when the run starts (after ``clock="thread"`` set the thread count)."""
         self._cuda = torch.cuda.is_available()
         self._mps = torch.backends.mps.is_available()
 
@@ -759,7 +761,9 @@ class Bench:
                 "clock": self.config.clock,
             },
             "meta": self.meta,
-            "environment": environment(),
+            "environment": self.environment,
+            # The start's load average is in the environment; a busy machine makes noisy numbers.
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "comparisons": [c.to_dict() for c in self.comparisons],
         }
 

@@ -88,13 +88,14 @@ def test_every_sample_exactly_once_across_ranks_and_equal_steps(case):
     make, lengths, _, replicas = case
     ranks = [make(r) for r in range(replicas)]
     announced = [len(s) for s in ranks]
+    repeated = ranks[0].num_repeated  # like len(): about the epoch the next iteration runs
     epochs = [_epoch(s) for s in ranks]
     assert len({len(e) for e in epochs}) == 1  # every rank the same number of steps
     assert announced == [len(epochs[0])] * replicas
     assert all(len(b) > 0 for e in epochs for b in e) or len(lengths) == 0
     seen = Counter(i for e in epochs for b in e for i in b)
     assert set(seen) == set(range(len(lengths)))  # nothing lost
-    assert sum(seen.values()) - len(lengths) == ranks[0].num_repeated  # repeats are declared
+    assert sum(seen.values()) - len(lengths) == repeated  # repeats are declared
 
 
 @FAST

@@ -40,8 +40,20 @@ def test_cli_runs_a_script_and_writes_json(
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
     out = tmp_path / "out.json"
-    argv = ["--warmup", "1", "--steps", "2", "--attribution-steps", "1", "--no-probes",
-            "--json", str(out), str(script), "--width", "8"]
+    argv = [
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--attribution-steps",
+        "1",
+        "--no-probes",
+        "--json",
+        str(out),
+        str(script),
+        "--width",
+        "8",
+    ]
     assert doctor_cli.NAME == "doctor" and doctor_cli.HELP
     assert doctor_cli.main(_args(argv)) == 0
     printed = capsys.readouterr().out

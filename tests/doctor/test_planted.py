@@ -2,10 +2,10 @@
 line marked ``# PLANTED``; run with ``--clean`` it is its twin with the fix applied.
 
 The doctor must name the planted code at that line, and find nothing at all in the twins.
-Scripts run in this process at one intra-op thread: the suite tests what the doctor concludes,
-and a single thread keeps timings sane on a loaded 2-core machine (OpenMP threads competing with
-other processes for cores make every op's time erratic). The cpu-threads case is about threads,
-so it runs at the machine's default and only where cores are free to be measured.
+Scripts run in this process at one intra-op thread pinned to one core: the suite tests what the
+doctor concludes, and a single thread keeps timings sane on a loaded 2-core machine (OpenMP
+threads competing with other processes for cores make every op's time erratic). The cpu-threads
+case is about threads, so it runs unpinned at the default and only where cores are free.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ def _cores_free() -> bool:
 
 @pytest.fixture
 def threads(request: pytest.FixtureRequest):
-    saved = torch.get_num_threads()
+    saved, cores = torch.get_num_threads(), os.sched_getaffinity(0)
     if request.param == "cpu_threads":
         if not _cores_free():
             pytest.skip(f"load average {os.getloadavg()[0]:.1f}: no free cores to measure threads")
-    else:
+    else:  # one thread pinned to one core: nothing to say about threads, and sane timings
+        os.sched_setaffinity(0, {min(cores)})
         torch.set_num_threads(1)
     yield request.param
+    os.sched_setaffinity(0, cores)
     torch.set_num_threads(saved)
 
 

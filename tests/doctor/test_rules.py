@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from stoker.data.accounting import summarize
+from stoker.data.accounting import summarize_counts
 from stoker.doctor import Measurements, Report, diagnose
 from stoker.doctor.attribution import Attribution, SyncStats
 from stoker.doctor.capture import ProfileSummary
@@ -23,8 +23,14 @@ def _measurements(**overrides: Any) -> Measurements:
         "steps": 4,
         "step_ms": 100.0,
         "baseline_step_ms": 95.0,
-        "phases_ms": {"data": 1.0, "forward": 30.0, "backward": 60.0, "optimizer": 5.0,
-                      "host_sync": 0.0, "other": 4.0},
+        "phases_ms": {
+            "data": 1.0,
+            "forward": 30.0,
+            "backward": 60.0,
+            "optimizer": 5.0,
+            "host_sync": 0.0,
+            "other": 4.0,
+        },
         "profile": ProfileSummary(steps=4),
         "attribution": Attribution(steps=2),
         "loop_site": SITE,
@@ -57,7 +63,7 @@ def test_no_pin_memory_on_cuda_only() -> None:
 
 def test_padding_waste_and_rank_imbalance_from_accounting() -> None:
     # 2 ranks x 3 steps; rank 1 gets half the real tokens; 2048 positions computed each.
-    ragged = summarize([[1000, 1000, 1000], [500, 500, 500]], [[2048] * 3, [2048] * 3])
+    ragged = summarize_counts([[1000, 1000, 1000], [500, 500, 500]], [[2048] * 3, [2048] * 3])
     m = _measurements(extras={"accounting": {**ragged.as_dict(), "site": SITE}})
     codes = {f.code: f for f in diagnose(m, {})}
     assert set(codes) == {"padding-waste", "rank-imbalance"}
@@ -79,7 +85,7 @@ def test_host_sync_needs_every_step() -> None:
 
 
 def test_report_orders_by_cost_and_serialises(tmp_path) -> None:
-    ragged = summarize([[1000, 1000], [500, 500]], [[2048, 2048], [2048, 2048]])
+    ragged = summarize_counts([[1000, 1000], [500, 500]], [[2048, 2048], [2048, 2048]])
     m = _measurements(extras={"accounting": {**ragged.as_dict(), "site": SITE}})
     report = Report.build(m, {}, diagnose(m, {}))
     shares = [f.share for f in report.findings]

@@ -18,8 +18,10 @@ Nothing here touches pickle: the only readers are ``json`` and ``safetensors``.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ __all__ = [
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 _ALIASES = "stoker.aliases"
+_COPY_CHUNK = 16 << 20  # bytes per copy job of an async snapshot
 _TAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}")
 _RESERVED = ("state", "manifest")
 
@@ -137,6 +140,7 @@ class _Copier:
         self.copy = copy
         self.pool = pool
         self.events: list[Any] = []
+        self._jobs: list[tuple[np.ndarray, np.ndarray]] = []  # (destination, source) bytes
 
     def _buffer(self, key: tuple[str, str], t: torch.Tensor, pinned: bool) -> torch.Tensor:
         buf = self.pool.get(key) if self.pool is not None else None
@@ -163,11 +167,31 @@ class _Copier:
             return t.to("cpu")
         buf = self._buffer(key, t, pinned=False)
         if t.is_contiguous() and t.numel() > 0:
-            # A plain memcpy through NumPy: single-threaded, so no OpenMP team to wait for on a
-            # busy machine (measured here: 4-5 GB/s vs 1.3-3 GB/s for Tensor.copy_).
-            np.copyto(_raw(buf), _raw(t))
+            dst, src = _raw(buf), _raw(t)
+            for start in range(0, len(src), _COPY_CHUNK):  # chunks balance the threads
+                end = start + _COPY_CHUNK
+                self._jobs.append((dst[start:end], src[start:end]))
             return buf
         return buf.copy_(t)
+
+    def finish(self) -> None:
+        """Run the queued CPU copies on a few threads; returns when all are done.
+
+        Plain memcpys through NumPy (which releases the GIL): no OpenMP team to wait for on a
+        busy machine, and two threads copy ~2x faster than one here (1.2 GB: 0.3-0.5 s
+        against 0.7-0.9 s, measured on the 2-core dev machine under load).
+        """
+        jobs, self._jobs = self._jobs, []
+        if not jobs:
+            return
+        workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
+        if workers == 1:
+            for dst, src in jobs:
+                np.copyto(dst, src)
+            return
+        with ThreadPoolExecutor(workers, "stoker-snapshot") as pool:
+            for future in [pool.submit(np.copyto, dst, src) for dst, src in jobs]:
+                future.result()
 
 
 def _tensor_file(
@@ -254,6 +278,7 @@ def snapshot(
     stem = rank_stem(rank)
     snap.files.append(_tensor_file(f"{stem}.safetensors", t, copier, {}))
     snap.files.append(PendingFile(f"{stem}.json", data=_json_bytes(tree)))
+    copier.finish()
     snap.events = copier.events
     return snap
 

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         probes=not args.no_probes,
         trace_path=args.trace,
     )
-    if not args.full_run:
+    if not args.full_run and os.path.isfile(args.script):  # else diagnose_script says why
         print(
             f"stoker doctor: running {os.path.basename(args.script)} for "
             f"{config.total_steps} optimizer steps, then stopping it (--full-run to finish)"

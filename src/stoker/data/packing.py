@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -206,8 +207,9 @@ class PackedBatchSampler(PlannedBatchSampler):
     window left unpacked), pack the window with :func:`pack_rows`, and group its rows into
     batches of ``rows`` rows (a split document's rows stay together). ``window`` is the
     randomness knob: a batch only mixes documents from one window, and a larger window fills
-    rows better. With ``num_replicas`` ranks, consecutive batches form a step; the epoch's last
-    step(s) are rebalanced over the ranks (:class:`PlannedBatchSampler` has the contract).
+    rows better. With ``num_replicas`` ranks, batches holding about the same number of tokens
+    form a step, and the epoch's last step(s) are rebalanced document by document over the
+    ranks (:class:`PlannedBatchSampler` has the contract).
 
     Args:
         lengths: tokens per document, before packing (the collator splits or truncates).
@@ -256,6 +258,13 @@ class PackedBatchSampler(PlannedBatchSampler):
             "window": self.window,
         }
 
+    def _kept(self, docs: Sequence[int]) -> int:
+        """Tokens of ``docs`` that the collator keeps (all, or ``max_len`` each if truncating)."""
+        lengths = self.lengths[list(docs)]
+        if self.config.long_documents == "truncate":
+            lengths = np.minimum(lengths, self.config.max_len)
+        return int(lengths.sum())
+
     def _rows_needed(self, docs: Sequence[int]) -> int:
         return len(pack_rows(self.lengths[list(docs)].tolist(), self.config))
 
@@ -264,10 +273,10 @@ class PackedBatchSampler(PlannedBatchSampler):
     ) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """Pack ``items``; group the rows into ``(rows used, documents)`` batches.
 
-        Unless this is the epoch's ``last`` window, rows with more than 1/64 free (the last
-        rows best fit opens, holding the smallest leftovers; with the other rows of their split
-        documents) and a last batch that is not full are not batched: their documents are
-        returned, to be packed again with the next window.
+        Unless this is the epoch's ``last`` window, rows with more than 1/64 free among the
+        last ``2 * rows`` that best fit opened (they hold the smallest leftovers; with the
+        other rows of their split documents) and a last batch that is not full are not
+        batched: their documents are returned, to be packed again with the next window.
         """
         lengths = self.lengths[items].tolist()
         layout = pack_rows(lengths, self.config)
@@ -287,22 +296,30 @@ class PackedBatchSampler(PlannedBatchSampler):
         def docs_of(rows: list[int]) -> list[int]:
             return [doc for r in rows for doc, start, _ in layout[r] if start == 0]
 
+        # Worth repacking: rows with more than 1/64 free among the last ones best fit opened
+        # (they hold the smallest leftovers). Bounded, so a corpus that cannot fill rows does
+        # not pile up into the last window.
         slack = self.config.max_len // 64
+        tail_rows = len(layout) - 2 * self.rows
         carry: list[int] = []
         batches: list[tuple[int, list[int]]] = []  # (rows used, local document indices)
+        open_batches: list[int] = []  # indices of batches with a free row, in order
         for rows in units.values():  # first fit by rows, in row order
             least = min(sum(stop - start for _, start, stop in layout[r]) for r in rows)
-            if not last and self.config.max_len - least > slack:
+            if not last and rows[0] >= tail_rows and self.config.max_len - least > slack:
                 carry.extend(docs_of(rows))
                 continue
-            for k, (used, docs) in enumerate(batches):
-                if used + len(rows) <= self.rows:
-                    batches[k] = (used + len(rows), docs)
+            for k in open_batches:
+                if batches[k][0] + len(rows) <= self.rows:
                     break
             else:
-                batches.append((len(rows), []))
+                batches.append((0, []))
                 k = len(batches) - 1
-            batches[k][1].extend(docs_of(rows))
+                open_batches.append(k)
+            used = batches[k][0] + len(rows)
+            batches[k] = (used, batches[k][1] + docs_of(rows))
+            if used == self.rows:
+                open_batches.remove(k)
         if not last and batches and batches[-1][0] < self.rows:
             carry.extend(batches.pop()[1])
         empty = [d for d, n in enumerate(lengths) if n == 0]
@@ -319,28 +336,36 @@ class PackedBatchSampler(PlannedBatchSampler):
         n, parts = len(self.lengths), self.num_replicas
         order = rng.permutation(n).tolist()
         full: list[list[int]] = []
-        partial: list[list[int]] = []
+        partial: list[list[int]] = []  # rows left empty, or the last window's least filled
         carry: list[int] = []
-        capacity = self.rows * self.config.max_len
-        n_max = int(self.lengths.max())
-        least = capacity - capacity // 64
-        limit = self.config.max_len if self.config.long_documents == "truncate" else n_max
         for w in range(0, n, self.window):
-            batches, carry = self._window_batches(
-                carry + order[w : w + self.window], last=w + self.window >= n
-            )
-            for used, docs in batches:  # "full": every row used, less than 1/64 padding
-                tokens = int(np.minimum(self.lengths[docs], limit).sum())
-                (full if used == self.rows and tokens >= least else partial).append(docs)
-        ordered = [full[i] for i in rng.permutation(len(full))] + partial
+            last = w + self.window >= n
+            batches, carry = self._window_batches(carry + order[w : w + self.window], last)
+            if last and parts > 1:
+                # Nothing is carried out of the last window, so its worst-filled batches would
+                # unbalance the steps they land in: up to `parts` of them are rebalanced.
+                tokens = [self._kept(docs) for _, docs in batches]
+                capacity = self.rows * self.config.max_len
+                worst = sorted(range(len(batches)), key=lambda k: tokens[k])[:parts]
+                low = {k for k in worst if tokens[k] < capacity - capacity // 64}
+            else:
+                low = set()
+            for k, (used, docs) in enumerate(batches):
+                (partial if used < self.rows or k in low else full).append(docs)
+        shuffled = [full[i] for i in rng.permutation(len(full))]
         if parts == 1:
-            return [[b] for b in ordered], 0
-        # Rebalance over the ranks what would make uneven steps: the partial batches and the
-        # batches left over after the last complete step of full ones.
+            return [[b] for b in shuffled + partial], 0
+        # A step joins `parts` batches of about the same number of tokens (sorted; ties in
+        # random order), then the steps are shuffled.
+        shuffled.sort(key=self._kept)
         head = (len(full) // parts) * parts
-        steps = [ordered[i : i + parts] for i in range(0, head, parts)]
-        tail_steps = -(-(len(ordered) - head) // parts)
-        tail, repeated = self._rebalance([d for b in ordered[head:] for d in b], tail_steps, steps)
+        steps = [shuffled[i : i + parts] for i in range(0, head, parts)]
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+        # Rebalance over the ranks what would make uneven steps: the partial batches and the
+        # full ones left over after the last complete step.
+        rest = shuffled[head:] + partial
+        tail_steps = -(-len(rest) // parts)
+        tail, repeated = self._rebalance([d for b in rest for d in b], tail_steps, steps)
         return steps + tail, repeated
 
     def _rebalance(self, docs: list[int], num_steps: int, earlier: Plan) -> tuple[Plan, int]:
@@ -348,18 +373,27 @@ class PackedBatchSampler(PlannedBatchSampler):
         into ``rows`` rows, balancing tokens (LPT); borrow from ``earlier`` or repeat if fewer
         documents than batches."""
         parts = self.num_replicas
+        capacity = self.rows * self.config.max_len
         while True:
             slots: list[list[int]] = [[] for _ in range(num_steps * parts)]
-            tokens = [0] * len(slots)
+            lightest = [(0, k) for k in range(len(slots))]  # heap of (tokens, slot)
             ok = True
             for d in sorted(docs, key=lambda i: -int(self.lengths[i])):
-                for s in sorted(range(len(slots)), key=lambda s: (tokens[s], s)):
-                    if self._rows_needed([*slots[s], d]) <= self.rows:
-                        slots[s].append(d)
-                        tokens[s] += int(self.lengths[d])
+                need = self._kept([d])
+                tried = []
+                while lightest:
+                    tokens, k = heapq.heappop(lightest)
+                    # A slot fits d if its tokens allow it and its rows really do.
+                    if tokens + need <= capacity and self._rows_needed([*slots[k], d]) <= self.rows:
+                        slots[k].append(d)
+                        heapq.heappush(lightest, (tokens + need, k))
                         break
+                    tried.append((tokens, k))
                 else:
                     ok = False
+                for item in tried:
+                    heapq.heappush(lightest, item)
+                if not ok:
                     break
             if ok:
                 break

@@ -75,12 +75,14 @@ def balanced_partition(
         )
     order = sorted(indices, key=lambda i: -int(lengths[i]))  # stable: ties keep input order
     groups: list[list[int]] = [[] for _ in range(parts)]
-    heap = [(0, p) for p in range(parts)]  # (tokens so far, part): the lightest part pops first
+    # (tokens so far, members, part): the lightest part pops first, then the smallest one, so
+    # that empty samples still spread out and every part gets one if there are enough.
+    heap = [(0, 0, p) for p in range(parts)]
     for i in order:
-        tokens, p = heapq.heappop(heap)
+        tokens, members, p = heapq.heappop(heap)
         groups[p].append(int(i))
-        if len(groups[p]) < cap:
-            heapq.heappush(heap, (tokens + int(lengths[i]), p))
+        if members + 1 < cap:
+            heapq.heappush(heap, (tokens + int(lengths[i]), members + 1, p))
     return groups
 
 
@@ -165,7 +167,10 @@ class PlannedBatchSampler(Sampler[list[int]]):
 
     @property
     def num_repeated(self) -> int:
-        """Samples repeated in the current epoch's last step (0 unless unavoidable, see above)."""
+        """Samples repeated in the last step of the epoch the next iteration runs (as ``len``).
+
+        0 unless unavoidable (module docstring).
+        """
         return self._planned(self._next_epoch())[1]
 
     def _next_epoch(self) -> int:

@@ -254,6 +254,17 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
     for i, info in enumerate(m.optimizers):
         if not info.fused:
             jobs.append((f"fused:{i}", functools.partial(_fused_probe, info)))
+    # Probe at the thread count the run used (the script runner has restored its own by now).
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(m.threads["intra_op"])
+    try:
+        _run_jobs(jobs, out)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return out
+
+
+def _run_jobs(jobs: list[tuple[str, Callable[[], Probe | None]]], out: dict[str, Probe]) -> None:
     for name, job in jobs:
         try:
             result = job()
@@ -262,4 +273,3 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
             continue
         if result is not None:
             out[name] = result
-    return out

@@ -62,6 +62,7 @@ class Report:
                 {"op": n, "ms_per_step": round(t, 3), "calls_per_step": c}
                 for n, t, c in prof.top_ops
             ],
+            "optimizer_step_at": str(m.loop_site) if m.loop_site is not None else None,
             "intra_op_threads": m.threads["intra_op"],
             "cores": m.threads["cores"],
         }

@@ -244,6 +244,7 @@ class Doctor:
         self._dyn1: dict[str, Any] = {}
         self._report: Any = None
         self._tokens: Any = None  # stoker.data.accounting.TokenCounter, for token batches
+        self._threads = torch.get_num_threads()
         self._accounting: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -342,6 +343,7 @@ class Doctor:
 
     def _start_window(self) -> None:
         self._phase = "window"
+        self._threads = torch.get_num_threads()  # what the run used, not what it restores
         self._dyn0 = _dynamo_snapshot()
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -573,7 +575,7 @@ class Doctor:
             compile_sites=list(self.compile_sites),
             compile={"attach": self._dyn_attach, "before": self._dyn0, "after": self._dyn1},
             threads={
-                "intra_op": torch.get_num_threads(),
+                "intra_op": self._threads,
                 "cores": _cores(),
                 "set_at": self.thread_sites[-1] if self.thread_sites else None,
                 "omp_env": env_threads,

@@ -28,6 +28,8 @@ class DistributedContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    owns_group: bool = False
+    """Whether stoker created the process group (and so destroys it at the end)."""
 
     @property
     def enabled(self) -> bool:
@@ -56,12 +58,15 @@ def init_distributed(device: torch.device) -> DistributedContext:
             f"WORLD_SIZE={world_size} but this torch build has no torch.distributed; "
             "run a single process or install a torch build with distributed support"
         )
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size)
+    return DistributedContext(
+        rank=rank, local_rank=local_rank, world_size=world_size, owns_group=owns_group
+    )
 
 
 def _is_rank_aware(loader: DataLoader[Any]) -> bool:

@@ -9,8 +9,10 @@ one line instead of a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +78,14 @@ def torchrun_argv(config: LaunchConfig) -> list[str]:
     return argv
 
 
+def _stoker_run_argv(config: LaunchConfig) -> list[str]:
+    argv = ["--nproc", str(config.nproc), "--max-restarts", str(config.max_restarts)]
+    if config.nnodes != "1" or config.rdzv_endpoint:
+        argv += ["--nnodes", config.nnodes, "--rdzv", str(config.rdzv_endpoint)]
+        argv += ["--rdzv-id", config.rdzv_id]
+    return [*argv, config.script, *config.script_args]
+
+
 def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -87,7 +97,18 @@ def launch(config: LaunchConfig) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(torchrun_argv(config))
+    from stoker.records import RUN_DIR_ENV, resolve_run_dir
+    from stoker.records.run import LAUNCH_COMMAND_ENV
+
+    argv = torchrun_argv(config)
+    args = get_args_parser().parse_args(argv)
+    # One run directory for every worker and every restart of this job: a restarted worker
+    # finds the last good checkpoint there and resumes (Stoker's resume="auto").
+    if RUN_DIR_ENV not in os.environ:
+        os.environ[RUN_DIR_ENV] = str(resolve_run_dir(Path(config.script).stem))
+    os.environ[LAUNCH_COMMAND_ENV] = json.dumps(
+        [sys.executable, "-m", "stoker", "run", *_stoker_run_argv(config)]
+    )
     if config.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 thread per worker (and warn); share this machine's cores instead.
         # The workers inherit this process's environment.

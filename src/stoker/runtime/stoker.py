@@ -12,25 +12,33 @@ read the inf flag on the host to decide whether to step; bf16 needs no scaler.)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
 import os
 import random
 import shutil
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import DistributedContext, init_distributed, shard_loader
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
+from stoker.runtime.services import RESUME_CHOICES, RunServices
+
+if TYPE_CHECKING:
+    from stoker.checkpoint import CheckpointConfig
+    from stoker.records import RecordConfig
 
 __all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "Stoker"]
 
@@ -75,6 +83,23 @@ def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(_move(b, device, non_blocking) for b in batch)
     return batch
+
+
+def _at_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` at interpreter exit, while thread pools still accept work.
+
+    The final checkpoint hashes its files on a thread pool; ``atexit`` handlers run after
+    ``concurrent.futures`` has shut its pools down, the hooks ``threading`` runs at shutdown
+    run before (last registered, first run).
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)
 
 
 def _have_cxx_compiler() -> bool:
@@ -174,34 +199,66 @@ class PreparedScheduler:
 class PreparedLoader:
     """Iterates the user's loader: this rank's shard, batches on the run's device.
 
-    Advances the sampler's epoch (``set_epoch``) at the start of every pass, as
-    ``DistributedSampler`` needs for a different shuffle each epoch.
+    The order of every epoch depends only on ``(seed, epoch)``: at the start of each pass the
+    loader's shuffling and worker-seed generators are re-seeded and ``set_epoch`` is called on
+    its samplers and collate function. That makes a resume exact: :meth:`state_dict` holds the
+    epoch and the number of batches already consumed, and a resumed pass replays the data
+    pipeline up to that position (loading but not training on those batches) before yielding.
     """
 
-    def __init__(self, loader: DataLoader[Any], device: torch.device) -> None:
+    def __init__(self, loader: DataLoader[Any], device: torch.device, stoker: Stoker) -> None:
         self.loader = loader
         self.device = device
         self.epoch = 0
+        self.position = 0
+        self._skip = 0
+        self._stoker = stoker
+        self._seed = stoker.seed if stoker.seed is not None else 0
         self._move = device.type != "cpu"
         # Pinned host memory lets the copy overlap compute; only then is non_blocking safe.
         self._non_blocking = device.type == "cuda" and bool(loader.pin_memory)
 
-    def _set_epoch(self) -> None:
-        for sampler in (self.loader.batch_sampler, self.loader.sampler):
-            set_epoch = getattr(sampler, "set_epoch", None)
-            if set_epoch is not None:
-                set_epoch(self.epoch)
+    def _start_epoch(self) -> None:
+        loader, epoch = self.loader, self.epoch
+        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is None:
+            loader.sampler.generator = torch.Generator()
+        if loader.generator is None:  # worker seeds come from here (else from the global RNG)
+            loader.generator = torch.Generator()
+        seed = (self._seed * 1_000_003 + epoch) % 2**63
+        loader.generator.manual_seed(seed)
+        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
+            loader.sampler.generator.manual_seed(seed)
+        for part in (loader.batch_sampler, loader.sampler, loader.collate_fn):
+            set_epoch = getattr(part, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        self._set_epoch()
-        try:
-            if not self._move:
-                yield from self.loader
-            else:
-                for batch in self.loader:
-                    yield _move(batch, self.device, self._non_blocking)
-        finally:
-            self.epoch += 1
+        self._start_epoch()
+        stoker = self._stoker
+        iterator = iter(self.loader)
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):  # replay to the resumed position, see the class docstring
+            next(iterator, None)
+        self.position = skip
+        stoker._services_resumed()
+        while True:
+            stoker._checkpoint_point()  # before fetching: `position` batches are trained on
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            self.position += 1
+            yield _move(batch, self.device, self._non_blocking) if self._move else batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._skip = int(state["position"])
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -219,7 +276,19 @@ class Stoker:
             (bf16 where the hardware has fast bf16 matrix products, else fp32).
         compile: wrap the model in ``torch.compile`` in :meth:`prepare`.
         accumulation_steps: micro-batches per optimizer step under :meth:`accumulate`.
-        seed: if given, seeds Python, NumPy and torch identically on every rank.
+        seed: if given, seeds Python, NumPy and torch identically on every rank; also the
+            base of the per-epoch data order (0 when not given).
+        config: your own configuration (a dataclass, dict or argparse Namespace), written
+            into the run record.
+        record: a run directory with ``record.json``, ``metrics.jsonl`` and ``console.log``
+            (default ``./runs/<UTC time>-<script>``; a :class:`~stoker.records.RecordConfig`
+            to change it, ``False`` for none).
+        checkpoint: when to checkpoint automatically (a
+            :class:`~stoker.checkpoint.CheckpointConfig`: every N steps / T minutes, keep K,
+            async); a final checkpoint is written when the run ends normally.
+        resume: ``"auto"`` continues from the newest valid checkpoint of this run directory
+            (after an elastic restart, or with ``$STOKER_RUN_DIR`` set); a path resumes from
+            another run's checkpoints; ``"never"`` ignores checkpoints.
 
     Example:
         >>> import torch
@@ -243,6 +312,10 @@ class Stoker:
         compile: bool = False,
         accumulation_steps: int = 1,
         seed: int | None = None,
+        config: Any = None,
+        record: RecordConfig | bool = True,
+        checkpoint: CheckpointConfig | None = None,
+        resume: str | Path = "auto",
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -273,6 +346,22 @@ class Stoker:
         self._plain_backward = False
         self._finalized = False
         self._scaler = torch.amp.GradScaler(self.device.type) if self.policy.needs_scaler else None
+        if not (resume in RESUME_CHOICES or isinstance(resume, str | Path)):
+            raise StokerError(f"resume={resume!r}; use 'auto', 'never' or a run directory path")
+        self.services = RunServices(
+            record=record,
+            checkpoint=checkpoint,
+            resume=resume,
+            user_config=config,
+            settings=self.settings,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.resumed_from: int | None = None
+        """The step this run resumed from, or None for a fresh start."""
+        self._loaders: list[PreparedLoader] = []
+        self._closed = False
+        _at_exit(self.close)
 
     # -- where this process is -------------------------------------------------------------
     @property
@@ -339,7 +428,9 @@ class Stoker:
                 prepared.append(PreparedOptimizer(obj, self))
             elif isinstance(obj, DataLoader):
                 seed = self.seed if self.seed is not None else 0
-                prepared.append(PreparedLoader(shard_loader(obj, self.dist, seed), self.device))
+                loader = PreparedLoader(shard_loader(obj, self.dist, seed), self.device, self)
+                self._loaders.append(loader)
+                prepared.append(loader)
             else:
                 raise StokerError(
                     f"prepare() does not know what to do with a {type(obj).__name__}; it takes "
@@ -347,7 +438,25 @@ class Stoker:
                 )
         if scheduler is not None:
             prepared.append(PreparedScheduler(scheduler, self))
+        self._attach(model, scheduler)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+    def _attach(self, model: nn.Module, scheduler: Any) -> None:
+        """Hand everything prepare() saw to the checkpointer; resume into it if asked."""
+        if self.services.state is not None:
+            return  # attached at the first prepare(); later objects are not checkpointed
+        state: dict[str, Any] = {"model": model, "stoker": self}
+        for i, optimizer in enumerate(self._optimizers):
+            state[f"optimizer{i or ''}"] = optimizer
+        if scheduler is not None:
+            state["scheduler"] = scheduler
+        for i, loader in enumerate(self._loaders):
+            state[f"loader{i or ''}"] = loader
+        self.resumed_from = self.services.attach(state)
+        if self.resumed_from is not None:
+            self.print(f"stoker: resumed from step {self.resumed_from} ({self.services.run_dir})")
+            if not self._loaders:
+                self.services.restore_rng_after_replay()
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -387,6 +496,7 @@ class Stoker:
         gradient all-reduce is skipped and the prepared optimizer's ``step``/``zero_grad`` do
         nothing; :attr:`sync_gradients` says which kind of micro-batch this is.
         """
+        self._checkpoint_point()
         self._micro_step += 1
         self.sync_gradients = self._micro_step % self.accumulation_steps == 0
         if not self.sync_gradients and isinstance(model, DistributedDataParallel):
@@ -477,6 +587,66 @@ class Stoker:
             return None
         self._finalize_gradients()
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type, foreach=True)
+
+    # -- records and checkpoints --------------------------------------------------------
+    @property
+    def run_dir(self) -> Path | None:
+        """This run's directory (record, metrics, checkpoints), or None with record=False."""
+        return self.services.run_dir
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Append ``metrics`` to the run's ``metrics.jsonl`` (main rank).
+
+        Values may be device tensors: they are resolved off the training thread, so logging
+        never makes the loop wait for the device.
+        """
+        if self.is_main:
+            self.services.log(metrics, self.step if step is None else step)
+
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint now (all ranks must call it); returns the checkpoint directory."""
+        return self.services.save(self.step)
+
+    def close(self) -> None:
+        """End the run: final checkpoint (unless it failed) and pending writes finished.
+
+        Runs by itself at interpreter exit; call it to end earlier. Ranks leave together:
+        a rank exiting while another still talks to it would abort that one.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.services.close(self.step)
+        if self.dist.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _checkpoint_point(self) -> None:
+        # One integer comparison per micro-batch; a save only when one is due.
+        if self.step != self.services._checked_step:
+            self.services.after_step(self.step)
+
+    def _services_resumed(self) -> None:
+        if self.services.pending is not None:
+            self.services.restore_rng_after_replay()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters and the grad scaler: what a checkpoint needs of the runtime."""
+        state: dict[str, Any] = {
+            "step": self.step,
+            "micro_step": self._micro_step,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self._scaler is not None:
+            state["scaler"] = self._scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._micro_step = int(state["micro_step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if self._scaler is not None and "scaler" in state:
+            self._scaler.load_state_dict(state["scaler"])
 
     # -- collectives ----------------------------------------------------------------------
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:

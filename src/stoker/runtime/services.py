@@ -1,0 +1,163 @@
+"""What every stoker run gets without asking: a run record, checkpoints and exact resume.
+
+:class:`RunServices` is the runtime's bridge to :mod:`stoker.records` and
+:mod:`stoker.checkpoint`. It keeps the per-step cost to an integer comparison: checkpoints are
+considered once per optimizer step, at the start of the next micro-batch (after the user's
+``optimizer.step()`` and ``scheduler.step()``), never inside them.
+
+Resume is exact because the data order depends only on (seed, epoch) — see
+:class:`~stoker.runtime.stoker.PreparedLoader` — and the position within the epoch is replayed
+through the data pipeline before the random generators are put back to their saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stoker.errors import StokerError
+
+if TYPE_CHECKING:
+    from stoker.checkpoint import CheckpointConfig, Checkpointer
+    from stoker.records import RecordConfig, Run
+
+__all__ = ["RESUME_CHOICES", "RunServices"]
+
+log = logging.getLogger(__name__)
+
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Saved random-generator states, restored once the data position has been replayed."""
+
+    rng: dict[str, Any]
+
+
+class RunServices:
+    """Run record, metrics, checkpoints and resume for one :class:`~stoker.Stoker`."""
+
+    def __init__(
+        self,
+        *,
+        record: RecordConfig | bool,
+        checkpoint: CheckpointConfig | None,
+        resume: str | Path,
+        user_config: Any,
+        settings: dict[str, Any],
+        rank: int,
+        world_size: int,
+    ) -> None:
+        from stoker.records import RecordConfig, start_run
+
+        self.run: Run | None = None
+        if record is not False:
+            config = record if isinstance(record, RecordConfig) else RecordConfig()
+            self.run = start_run(
+                config,
+                user_config=user_config,
+                settings=settings,
+                seeds={"seed": settings.get("seed")},
+                rank=rank,
+                world_size=world_size,
+            )
+        self.checkpoint_config = checkpoint
+        self.resume_from = resume
+        self.checkpointer: Checkpointer | None = None
+        self.state: dict[str, Any] | None = None
+        self.pending: _Pending | None = None
+        self._checked_step = -1
+        self._closed = False
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.run.dir if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_dir(self) -> Path:
+        if self.run is None:
+            raise StokerError(
+                "checkpoints live in the run directory, but this Stoker was created with "
+                "record=False; pass record=True (the default) or a RecordConfig"
+            )
+        return self.run.dir / "checkpoints"
+
+    def attach(self, state: dict[str, Any]) -> int | None:
+        """Start checkpointing ``state``; resume into it if asked. Returns the resumed step."""
+        from stoker.checkpoint import CheckpointConfig, Checkpointer, capture_rng
+
+        self.state = state
+        if self.run is None:
+            return None
+        self.checkpointer = Checkpointer(
+            self._checkpoint_dir(), self.checkpoint_config or CheckpointConfig()
+        )
+        if self.resume_from == "never":
+            return None
+        if self.resume_from != "auto":
+            source = Path(self.resume_from)
+            if not source.exists():
+                raise StokerError(
+                    f"resume={str(source)!r} does not exist; pass a run directory, a "
+                    "checkpoints directory, 'auto' or 'never'"
+                )
+            self.checkpointer.directory = (
+                source / "checkpoints" if (source / "checkpoints").is_dir() else source
+            )
+        step = self.checkpointer.resume(state)
+        self.checkpointer.directory = self._checkpoint_dir()
+        if step is None:
+            return None
+        # The generators are back at their state of the checkpoint; the data pipeline is
+        # replayed to its position first (that replay draws random numbers), then they are
+        # put back again, see `restore_rng_after_replay`.
+        self.pending = _Pending(rng=capture_rng())
+        self._checked_step = step
+        return step
+
+    def restore_rng_after_replay(self) -> None:
+        from stoker.checkpoint import restore_rng
+
+        if self.pending is not None:
+            restore_rng(self.pending.rng)
+            self.pending = None
+
+    def after_step(self, step: int) -> None:
+        """Called at the start of each micro-batch; saves when a checkpoint is due."""
+        if step == self._checked_step or self.checkpointer is None or self.state is None:
+            return
+        self._checked_step = step
+        self.checkpointer.maybe_save(step, self.state)
+
+    def save(self, step: int) -> Path | None:
+        if self.state is None:
+            raise StokerError("save_checkpoint() needs prepare() to have been called first")
+        if self.checkpointer is None:
+            self._checkpoint_dir()  # raises the record=False explanation
+            return None
+        self._checked_step = step
+        return self.checkpointer.save(step, self.state)
+
+    # -- the end ----------------------------------------------------------------------------
+    def close(self, step: int) -> None:
+        """Final checkpoint at ``step`` (unless the run failed) and wait for background writes.
+
+        The run record closes itself (its own exit hooks write the final status).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # Set by the interpreter when an exception went uncaught: don't checkpoint a broken state.
+        failed = hasattr(sys, "last_value")
+        if self.checkpointer is not None:
+            if not failed and self.state is not None:
+                self.checkpointer.save(step, self.state)
+            self.checkpointer.close()
