@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from stoker import Stoker
+from stoker.checkpoint import CheckpointConfig
 from stoker.data.mlm import (
     MLMCollator,
     chunk_documents,
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=100, help="validation batches (0: all)")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress updates")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: only at the end)")
     return p.parse_args(argv)
 
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compile=args.compile,
         accumulation_steps=args.accumulation_steps,
         seed=args.seed,
+        config=args,
+        checkpoint=CheckpointConfig(every_steps=args.checkpoint_every or None),
     )
     console = Console(stderr=True, quiet=not stoker.is_main)
 
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     seen = 0
     started = window_start = time.perf_counter()
     with progress:
-        task = progress.add_task("train", total=args.steps, loss="-", speed="-")
+        task = progress.add_task(
+            "train", total=args.steps, completed=stoker.step, loss="-", speed="-"
+        )
         while stoker.step < args.steps:
             for batch in train_loader:
                 with stoker.accumulate(model):
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 tokens = tokens + batch["valid"].sum()
                 if not stoker.sync_gradients:
                     continue
+                stoker.log({"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]})
                 progress.advance(task)
                 if stoker.step % args.log_every == 0 or stoker.step == args.steps:
                     window_tokens = stoker.reduce(tokens, "sum").item()

@@ -50,7 +50,7 @@ def time_interleaved(fns: list[Callable[[], Any]], budget_s: float = _BUDGET_S) 
         fn()
         best[fns.index(fn)] = time.perf_counter() - start
     per_round = sum(best)
-    rounds = int(max(3, min(15, budget_s / max(per_round, 1e-6))))
+    rounds = int(max(5, min(15, budget_s / max(per_round, 1e-6))))
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
