@@ -156,7 +156,7 @@ def main() -> int:
                 warm, steady = timed.seconds[:warmup], summarize(timed.seconds[warmup:]).median
                 compile_s[name] = sum(max(0.0, w - steady) for w in warm)
                 table.add_row(
-                    name, f"{warm[0]:.2f} s", f"{steady * 1e3:.3g} ms", f"{compile_s[name]:.1f} s"
+                    name, f"{warm[0]:.2f} s", f"{steady:.3f} s", f"{compile_s[name]:.1f} s"
                 )
         if bench.console is not None:
             bench.console.print(table)

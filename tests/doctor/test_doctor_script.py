@@ -11,7 +11,7 @@ import torch
 from torch.optim import optimizer as optimizer_module
 from torch.utils.data import DataLoader
 
-from stoker.doctor import Doctor, DoctorConfig, diagnose_script
+from stoker.doctor import Doctor, DoctorConfig, active_doctor, diagnose_script
 from stoker.doctor import session as session_module
 from stoker.errors import StokerError
 
@@ -137,6 +137,7 @@ def test_runtime_api_manual_steps() -> None:
     try:
         with pytest.raises(StokerError, match="already attached"):
             Doctor().attach()
+        assert active_doctor() is doctor
         for _ in range(6):
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward()
@@ -146,6 +147,7 @@ def test_runtime_api_manual_steps() -> None:
         assert doctor.done
     finally:
         doctor.detach()
+    assert active_doctor() is None
     report = doctor.report()
     assert report.summary["profiled_steps"] == 2
     assert report.summary["phases_ms"]["forward"] > 0
@@ -193,6 +195,7 @@ def test_padding_counted_from_token_batches(tmp_path: Path, real: int, expected:
     path.write_text(TOKENS)
     report = diagnose_script(path, [str(real)], FAST)
     codes = {f.code: f for f in report.findings}
+    assert report.summary["padding_fraction"] == pytest.approx(expected)
     if expected:
         waste = codes["padding-waste"]
         assert waste.evidence["padding_fraction"] == pytest.approx(expected)

@@ -23,6 +23,8 @@ def _measurements(**overrides: Any) -> Measurements:
         "steps": 4,
         "step_ms": 100.0,
         "baseline_step_ms": 95.0,
+        "step_ms_each": [100.0] * 4,
+        "data_ms_each": [1.0] * 4,
         "phases_ms": {
             "data": 1.0,
             "forward": 30.0,
@@ -48,6 +50,21 @@ def _measurements(**overrides: Any) -> Measurements:
 
 def test_clean_measurements_give_no_findings() -> None:
     assert diagnose(_measurements(), {}) == []
+
+
+def test_starved_loader_uses_medians() -> None:
+    loader = LoaderInfo(SITE, num_workers=0, pin_memory=False, batch_size=64, iterated_at=None)
+    # One step preempted inside next(): a 61 ms mean wait, but a 1 ms typical one.
+    spike = _measurements(
+        loaders=[loader], data_ms_each=[1.0, 1.0, 181.0], step_ms_each=[100.0] * 3
+    )
+    assert diagnose(spike, {}) == []
+    starved = _measurements(
+        loaders=[loader], data_ms_each=[40.0, 41.0, 39.0], step_ms_each=[100.0] * 3
+    )
+    [finding] = diagnose(starved, {})
+    assert finding.code == "dataloader-starved" and "num_workers=2" in finding.fix
+    assert 0.08 <= finding.share <= 0.40
 
 
 def test_no_pin_memory_on_cuda_only() -> None:

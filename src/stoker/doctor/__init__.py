@@ -10,7 +10,7 @@ Two ways in:
 from stoker.doctor.report import Report
 from stoker.doctor.rules import RULES, Finding, diagnose
 from stoker.doctor.script import diagnose_script
-from stoker.doctor.session import Doctor, DoctorConfig, Measurements
+from stoker.doctor.session import Doctor, DoctorConfig, Measurements, active_doctor
 
 __all__ = [
     "RULES",
@@ -19,6 +19,7 @@ __all__ = [
     "Finding",
     "Measurements",
     "Report",
+    "active_doctor",
     "diagnose",
     "diagnose_script",
 ]

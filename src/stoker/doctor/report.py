@@ -66,6 +66,10 @@ class Report:
             "intra_op_threads": m.threads["intra_op"],
             "cores": m.threads["cores"],
         }
+        accounting = m.extras.get("accounting")
+        if accounting:
+            summary["padding_fraction"] = round(accounting["padding_fraction"], 4)
+            summary["rank_wait_fraction"] = round(accounting["wait_fraction"], 4)
         probe_dict: dict[str, dict[str, float | str]] = {
             name: {
                 "baseline_ms": round(1e3 * p.baseline_s, 3),

@@ -39,11 +39,18 @@ __all__ = [
     "Measurements",
     "OptimizerInfo",
     "WindowComplete",
+    "active_doctor",
 ]
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: list[Doctor] = []  # at most one attached doctor per process (hooks are global)
+
+
+def active_doctor() -> Doctor | None:
+    """The doctor attached in this process, if any (a run under ``stoker doctor`` has one: the
+    runtime should then not attach its own)."""
+    return _ACTIVE[0] if _ACTIVE else None
 
 
 class WindowComplete(BaseException):
@@ -137,6 +144,9 @@ class Measurements:
     steps: int
     step_ms: float  # profiled window, mean
     baseline_step_ms: float | None  # unprofiled warm-up steps, median
+    # Per profiled step (ms): medians shrug off one step the OS preempted, unlike means.
+    step_ms_each: list[float]
+    data_ms_each: list[float]
     phases_ms: dict[str, float]
     profile: ProfileSummary
     attribution: Attribution
@@ -218,6 +228,7 @@ class Doctor:
         self._phase = "idle"
         self._t_last = 0.0
         self._baseline: list[float] = []
+        self._data_steps: list[float] = []  # data wait of each profiled step, seconds
         self._window: list[float] = []
         self._acc: dict[str, float] = {
             "data": 0.0,
@@ -327,6 +338,7 @@ class Doctor:
             return
         if self._phase == "window":
             self._window.append(now - self._t_last)
+            self._data_steps.append(self._acc["data"] - sum(self._data_steps))
             self._t_last = now
             self._next = self.steps + 1
             if len(self._window) >= cfg.window_steps:
@@ -564,6 +576,8 @@ class Doctor:
             steps=steps,
             step_ms=step_ms,
             baseline_step_ms=1e3 * baseline[len(baseline) // 2] if baseline else None,
+            step_ms_each=[1e3 * t for t in self._window],
+            data_ms_each=[1e3 * t for t in self._data_steps],
             phases_ms=phases,
             profile=self._summary,
             attribution=self._attr,

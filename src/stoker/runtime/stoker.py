@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import threading
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -122,6 +123,43 @@ def _check_compile(device: torch.device) -> None:
         )
     if device.type == "mps":
         raise StokerError("compile=True is not supported on MPS by stoker yet; pass compile=False")
+
+
+class _MicroBatch:
+    """The context :meth:`Stoker.accumulate` returns; one reused object, no allocation.
+
+    A class rather than a ``@contextmanager`` generator: this runs every step, and the
+    generator machinery measured ~4 µs per step inside a real training step.
+    """
+
+    __slots__ = ("model", "no_sync", "stoker")
+
+    def __init__(self, stoker: Stoker) -> None:
+        self.stoker = stoker
+        self.model: nn.Module | None = None
+        self.no_sync: contextlib.AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
+        stoker = self.stoker
+        stoker._checkpoint_point()
+        stoker._micro_step += 1
+        stoker.sync_gradients = stoker._micro_step % stoker.accumulation_steps == 0
+        if stoker.sync_gradients or not stoker._ddp_models:
+            return
+        # Skip DDP's all-reduce; a compiled DDP model is reached under the compile wrapper.
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        self.no_sync = (ddp or stoker._ddp_models[0]).no_sync()
+        self.no_sync.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if self.no_sync is not None:
+            no_sync, self.no_sync = self.no_sync, None
+            no_sync.__exit__(exc_type, exc, tb)
 
 
 class PreparedOptimizer(torch.optim.Optimizer):
@@ -361,6 +399,7 @@ class Stoker:
         """The step this run resumed from, or None for a fresh start."""
         self._loaders: list[PreparedLoader] = []
         self._closed = False
+        self._micro_batch = _MicroBatch(self)
         _at_exit(self.close)
 
     # -- where this process is -------------------------------------------------------------
@@ -488,26 +527,15 @@ class Stoker:
         return self.policy.autocast()
 
     # -- the step --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def accumulate(self, model: nn.Module) -> Iterator[None]:
-        """One micro-batch of a gradient-accumulation window.
+    def accumulate(self, model: nn.Module) -> _MicroBatch:
+        """One micro-batch of a gradient-accumulation window (a context manager).
 
         On all but the last micro-batch of each window of ``accumulation_steps``, DDP's
         gradient all-reduce is skipped and the prepared optimizer's ``step``/``zero_grad`` do
         nothing; :attr:`sync_gradients` says which kind of micro-batch this is.
         """
-        self._checkpoint_point()
-        self._micro_step += 1
-        self.sync_gradients = self._micro_step % self.accumulation_steps == 0
-        if not self.sync_gradients and isinstance(model, DistributedDataParallel):
-            with model.no_sync():
-                yield
-        elif not self.sync_gradients and self._ddp_models and model not in self._ddp_models:
-            # A compiled DDP model: reach the DDP module under the compile wrapper.
-            with self._ddp_models[0].no_sync():
-                yield
-        else:
-            yield
+        self._micro_batch.model = model
+        return self._micro_batch
 
     def backward(self, loss: torch.Tensor, *, tokens: torch.Tensor | int | None = None) -> None:
         """Backpropagate ``loss`` for this micro-batch.

@@ -23,7 +23,7 @@ class Noisy(Dataset):
 
     def __getitem__(self, i):
         x = self.x[i]
-        for _ in range(4):  # an augmentation: one sample at a time when i is an int
+        for _ in range(2):  # an augmentation: one sample at a time when i is an int
             x = x + 0.01 * torch.sin(x)
         return x, self.y[i]
 

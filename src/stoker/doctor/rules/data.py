@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
 from stoker.doctor.session import Measurements
 
@@ -11,8 +13,10 @@ __all__: list[str] = []  # rules register themselves in RULES
 @_rule("dataloader-starved")
 def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
     """The loop waits for the next batch for a large part of the step."""
-    data_ms = m.phases_ms["data"]
-    share = data_ms / m.step_ms
+    # Medians over the profiled steps: one step the OS preempted inside next() is not a trend.
+    data_ms = statistics.median(m.data_ms_each) if m.data_ms_each else m.phases_ms["data"]
+    step_ms = statistics.median(m.step_ms_each) if m.step_ms_each else m.step_ms
+    share = data_ms / step_ms
     if share < 0.20 or data_ms < 0.5 or not m.loaders:
         return []
     loader = max(m.loaders, key=lambda x: x.wait_s)
@@ -32,18 +36,18 @@ def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
         )
     # Workers hide the wait behind compute, but only as far as spare cores let them: on a
     # machine whose cores the compute already uses, each worker slows the compute it overlaps.
-    compute_ms = max(0.0, m.step_ms - data_ms)
+    compute_ms = max(0.0, step_ms - data_ms)
     spare = max(0.0, 1.0 - m.threads["intra_op"] / cores) if m.device == "cpu" else 1.0
     hidden = min(data_ms, compute_ms) * (spare if spare > 0 else 0.5)
     saving = max(hidden, data_ms - compute_ms) if compute_ms < data_ms else hidden
     saving = min(saving, data_ms)
-    if saving < 0.08 * m.step_ms:
+    if saving < 0.08 * step_ms:
         return []
     return [
         Finding(
             code="dataloader-starved",
-            severity=_severity(saving / m.step_ms),
-            share=saving / m.step_ms,
+            severity=_severity(saving / step_ms),
+            share=saving / step_ms,
             title=(
                 f"the loop waits {data_ms:.1f} ms per step ({100 * share:.0f}% of the step) for "
                 f"the DataLoader (num_workers={loader.num_workers})"
@@ -52,7 +56,7 @@ def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
             location=_loc(loader.site or loader.iterated_at),
             evidence={
                 "data_wait_ms": _ms(data_ms),
-                "step_ms": _ms(m.step_ms),
+                "step_ms": _ms(step_ms),
                 "num_workers": loader.num_workers,
                 "cores": cores,
                 "intra_op_threads": m.threads["intra_op"],
