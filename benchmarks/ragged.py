@@ -41,8 +41,8 @@ attention on a GPU) are where packing pulls ahead.
 Targets (issue 5): packed padding <= 1%, packed effective tokens/s >= 1.8x ``random``, balanced
 2-rank imbalance <= 1.05.
 
-    python benchmarks/ragged.py                # ~5 min on 2 idle cores
-    python benchmarks/ragged.py --quick        # smoke test, ~1-2 min
+    python benchmarks/ragged.py                # ~3 min on 2 idle cores (--flex: +1 min)
+    python benchmarks/ragged.py --quick        # smoke test, ~30 s
     python benchmarks/ragged.py --max-len 256 --docs 1024 --flex
 """
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser = bench_parser(__doc__.split("\n")[0], warmup=1, repeats=5)
     parser.add_argument("--max-len", type=int, default=512, help="tokens per row (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="documents per padded batch")
-    parser.add_argument("--docs", type=int, default=256, help="documents per timed pass")
+    parser.add_argument("--docs", type=int, default=512, help="documents per timed pass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     args = parser.parse_args()
@@ -292,7 +292,10 @@ def main() -> None:
         ),
     ]
     for text, ok in checks:
-        console.print(("[green]PASS[/green] " if ok else "[red]FAIL[/red] ") + text)
+        if args.quick:  # too few documents per pass for the throughput to mean anything
+            console.print(f"[dim]not checked (--quick)[/dim] {text}")
+        else:
+            console.print(("[green]PASS[/green] " if ok else "[red]FAIL[/red] ") + text)
     meta["acceptance"] = {text: ok for text, ok in checks}
     bench.save()
 

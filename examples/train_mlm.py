@@ -31,6 +31,7 @@ from stoker.data.mlm import (
     pad_batch,
     unigram_baseline,
 )
+from stoker.data.packing import PackedBatchSampler, PackingCollator, PackingConfig
 from stoker.data.tokenizer import load_token_documents, load_tokenizer
 from stoker.models import Encoder, EncoderConfig
 from stoker.schedules import warmup_cosine
@@ -41,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     p.add_argument("--max-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=32, help="rows per micro-batch per process")
+    p.add_argument(
+        "--layout",
+        default="pack",
+        choices=["pack", "pad"],
+        help="pack documents into full rows (default) or pad each batch to its longest",
+    )
     p.add_argument("--accumulation-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -56,14 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_loader(docs, args, vocab_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """Rows of at most --max-len tokens, packed into full rows or padded per batch."""
     rows = chunk_documents(docs, args.max_len)
-    collate = MLMCollator(
-        functools.partial(pad_batch, max_len=args.max_len), vocab_size=vocab_size, seed=seed
-    )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        rows, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
+    if args.layout == "pack":
+        # Whole documents share a row, each attending only to itself: ~no padding.
+        packing = PackingConfig(max_len=args.max_len, rows=args.batch_size)
+        sampler = PackedBatchSampler([len(r) for r in rows], packing, seed=seed)
+        collate = MLMCollator(PackingCollator(packing), vocab_size=vocab_size, seed=seed)
+        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
+    layout = functools.partial(pad_batch, max_len=args.max_len)
+    collate = MLMCollator(layout, vocab_size=vocab_size, seed=seed)
+    return DataLoader(rows, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -162,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     window_tokens = stoker.reduce(tokens, "sum").item()
                     seen += window_tokens
                     speed = window_tokens / (time.perf_counter() - window_start)
-                    loss_avg = (stoker.reduce(loss_sum, "sum") / stoker.reduce(predicted, "sum")).item()
-                    progress.update(task, loss=f"{loss_avg:.3f}", speed=f"{speed:,.0f}")
+                    loss_avg = stoker.reduce(loss_sum, "sum") / stoker.reduce(predicted, "sum")
+                    progress.update(task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}")
                     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
                     window_start = time.perf_counter()
                 if stoker.step >= args.steps:
