@@ -86,6 +86,14 @@ def shard_loader(loader: DataLoader[Any], ctx: DistributedContext, seed: int) ->
     of the order one process would see, so a global batch of W x B equals one process's batch
     of W x B. Anything else is refused rather than silently duplicated on every rank.
     """
+    for part in (loader.batch_sampler, loader.sampler):
+        replicas = getattr(part, "num_replicas", None)
+        if replicas is not None and hasattr(part, "rank") and replicas != ctx.world_size:
+            raise StokerError(
+                f"the loader's {type(part).__name__} splits data over num_replicas={replicas} "
+                f"but this job has {ctx.world_size} process(es); build it after creating the "
+                "Stoker (so it sees the process group) or pass num_replicas=stoker.world_size"
+            )
     if not ctx.enabled or _is_rank_aware(loader):
         return loader
     if isinstance(loader.sampler, SequentialSampler | RandomSampler) and loader.batch_size:
