@@ -113,6 +113,7 @@ def test_dead_process_shows_as_killed(tmp_path):
 
 def test_default_directory_is_runs_utc_time_name(tmp_path, monkeypatch):
     monkeypatch.delenv("STOKER_RUN_DIR", raising=False)
+    monkeypatch.delenv("STOKER_RUNS_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     run = start_run(RecordConfig(name="my run", save_code=False, tee_console=False))
     run.finish()

@@ -87,6 +87,7 @@ def test_runs_table(runs, capsys, monkeypatch):
     repo, found = runs
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.chdir(repo)  # `stoker runs` looks in ./runs
+    monkeypatch.delenv("STOKER_RUNS_DIR", raising=False)
     code, out = _cli(runs_cli, [], capsys)
     assert code == 0
     for info in found.values():
