@@ -148,10 +148,7 @@ class RunServices:
 
     # -- the end ----------------------------------------------------------------------------
     def close(self, step: int) -> None:
-        """Final checkpoint at ``step`` (unless the run failed) and wait for background writes.
-
-        The run record closes itself (its own exit hooks write the final status).
-        """
+        """Final checkpoint at ``step`` (unless the run failed); background writes finished."""
         if self._closed:
             return
         self._closed = True
@@ -161,3 +158,8 @@ class RunServices:
             if not failed and self.state is not None:
                 self.checkpointer.save(step, self.state)
             self.checkpointer.close()
+
+    def finish(self) -> None:
+        """Close the record as finished (a failed run's record is closed by its own hooks)."""
+        if self.run is not None and not hasattr(sys, "last_value"):
+            self.run.finish("finished")

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from stoker.runtime.services import RESUME_CHOICES, RunServices
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig
+    from stoker.doctor import Doctor, DoctorConfig
     from stoker.records import RecordConfig
 
 __all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "Stoker"]
@@ -327,6 +329,10 @@ class Stoker:
         resume: ``"auto"`` continues from the newest valid checkpoint of this run directory
             (after an elastic restart, or with ``$STOKER_RUN_DIR`` set); a path resumes from
             another run's checkpoints; ``"never"`` ignores checkpoints.
+        doctor: profile a window of steps (after a short warm-up) on the main rank and print
+            what to change when the run ends, also written to ``doctor.json`` in the run
+            directory (a :class:`~stoker.doctor.DoctorConfig` to tune, ``False`` or
+            ``$STOKER_DOCTOR=0`` for none). Outside its window it costs nothing measurable.
 
     Example:
         >>> import torch
@@ -354,6 +360,7 @@ class Stoker:
         record: RecordConfig | bool = True,
         checkpoint: CheckpointConfig | None = None,
         resume: str | Path = "auto",
+        doctor: DoctorConfig | bool = True,
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -400,6 +407,9 @@ class Stoker:
         self._loaders: list[PreparedLoader] = []
         self._closed = False
         self._micro_batch = _MicroBatch(self)
+        self._doctor_config = doctor
+        self.doctor: Doctor | None = None
+        self._doctor_active = True
         _at_exit(self.close)
 
     # -- where this process is -------------------------------------------------------------
@@ -491,6 +501,7 @@ class Stoker:
             state["scheduler"] = scheduler
         for i, loader in enumerate(self._loaders):
             state[f"loader{i or ''}"] = loader
+        self._start_doctor()
         self.resumed_from = self.services.attach(state)
         if self.resumed_from is not None:
             self.print(f"stoker: resumed from step {self.resumed_from} ({self.services.run_dir})")
@@ -600,7 +611,42 @@ class Stoker:
             )
         return result
 
+    def _start_doctor(self) -> None:
+        from stoker.doctor import Doctor, DoctorConfig, active_doctor
+
+        wanted = self._doctor_config
+        if wanted is False or os.environ.get("STOKER_DOCTOR", "1") == "0" or not self.is_main:
+            return
+        if active_doctor() is not None:  # under `stoker doctor script.py`: that one reports
+            return
+        config = wanted if isinstance(wanted, DoctorConfig) else DoctorConfig()
+        self.doctor = Doctor(config).attach(auto_step=False)
+
+    def _doctor_step(self) -> None:
+        doctor = self.doctor
+        assert doctor is not None
+        doctor.step()
+        if doctor.done or doctor.failed is not None:
+            doctor.detach()  # its window is over: no hook stays on the training path
+            self._doctor_active = False
+
+    def _doctor_report(self) -> None:
+        doctor = self.doctor
+        if doctor is None:
+            return
+        doctor.detach()
+        try:
+            report = doctor.report()
+        except StokerError as exc:
+            log.info("stoker doctor: no report: %s", exc)
+            return
+        report.print()
+        if self.run_dir is not None:
+            report.write_json(self.run_dir)
+
     def _after_step(self) -> None:
+        if self.doctor is not None and self._doctor_active:
+            self._doctor_step()
         self.step += 1
         self._tokens = None
         self._plain_backward = False
@@ -645,6 +691,9 @@ class Stoker:
             return
         self._closed = True
         self.services.close(self.step)
+        if not hasattr(sys, "last_value"):  # a failed run has nothing to diagnose
+            self._doctor_report()
+        self.services.finish()
         if self.dist.owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
