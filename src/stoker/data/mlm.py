@@ -165,6 +165,7 @@ class MLMCollator:
     seeded from ``(seed, epoch, DataLoader worker id)``: the same seed, epoch and
     ``num_workers`` give the same batches. Call :meth:`set_epoch` before each epoch (as with
     ``DistributedSampler``) so that non-persistent workers don't repeat last epoch's masks.
+    Under data parallelism give each rank its own stream: ``seed=base_seed + rank``.
     """
 
     def __init__(
@@ -178,6 +179,8 @@ class MLMCollator:
     ) -> None:
         if seed < 0:
             raise StokerError(f"MLMCollator seed={seed} must be >= 0.")
+        if not 0.0 < rate <= 1.0:
+            raise StokerError(f"MLMCollator rate={rate} must be in (0, 1]; BERT uses 0.15.")
         self.layout = layout
         self.vocab_size = vocab_size
         self.rate = rate

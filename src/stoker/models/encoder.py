@@ -96,7 +96,9 @@ class EncoderConfig:
 
 
 # Non-embedding parameters (12 * dim^2 per block): tiny 0.8 M, small 4.7 M, base 85 M
-# (BERT-base's encoder stack; with vocab 8192 the whole model is ~92 M).
+# (BERT-base's encoder stack). With vocab 8192: 1.9 M, 7.0 M, 92 M in all. On the 2-core AMX dev
+# machine (B=32, T=128, fwd+bwd+AdamW, bf16 autocast) tiny trains at ~2-4 x 10^4 tokens/s and
+# small at ~1.2 x 10^4: tiny is the preset for a few minutes of CPU training.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 128, "layers": 4, "heads": 4, "ffn_dim": 512},
     "small": {"dim": 256, "layers": 6, "heads": 4, "ffn_dim": 1024},

@@ -2,7 +2,8 @@
 
 from stoker.runtime.device import resolve_device
 from stoker.runtime.precision import PRECISIONS, PrecisionPolicy, has_fast_bf16, resolve_precision
-from stoker.runtime.stoker import PreparedLoader, PreparedOptimizer, PreparedScheduler, Stoker
+from stoker.runtime.prepared import PreparedLoader, PreparedOptimizer, PreparedScheduler
+from stoker.runtime.stoker import Stoker
 
 __all__ = [
     "PRECISIONS",

@@ -21,8 +21,7 @@ import random
 import shutil
 import sys
 import threading
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,12 +29,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import DistributedContext, init_distributed, shard_loader
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
+from stoker.runtime.prepared import (
+    PreparedLoader,
+    PreparedOptimizer,
+    PreparedScheduler,
+    _MicroBatch,
+)
 from stoker.runtime.services import RESUME_CHOICES, RunServices
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from stoker.doctor import Doctor, DoctorConfig
     from stoker.records import RecordConfig
 
-__all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "Stoker"]
+__all__ = ["Stoker"]
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +79,6 @@ def _autocast_forward(forward: Callable[..., Any], device_type: str, dtype: torc
 
     forward_in_autocast._stoker_autocast = True  # type: ignore[attr-defined]
     return forward_in_autocast
-
-
-def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: _move(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_move(b, device, non_blocking) for b in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(_move(b, device, non_blocking) for b in batch)
-    return batch
 
 
 def _at_exit(callback: Callable[[], None]) -> None:
@@ -125,186 +118,6 @@ def _check_compile(device: torch.device) -> None:
         )
     if device.type == "mps":
         raise StokerError("compile=True is not supported on MPS by stoker yet; pass compile=False")
-
-
-class _MicroBatch:
-    """The context :meth:`Stoker.accumulate` returns; one reused object, no allocation.
-
-    A class rather than a ``@contextmanager`` generator: this runs every step, and the
-    generator machinery measured ~4 µs per step inside a real training step.
-    """
-
-    __slots__ = ("model", "no_sync", "stoker")
-
-    def __init__(self, stoker: Stoker) -> None:
-        self.stoker = stoker
-        self.model: nn.Module | None = None
-        self.no_sync: contextlib.AbstractContextManager[None] | None = None
-
-    def __enter__(self) -> None:
-        stoker = self.stoker
-        stoker._checkpoint_point()
-        stoker._micro_step += 1
-        stoker.sync_gradients = stoker._micro_step % stoker.accumulation_steps == 0
-        if stoker.sync_gradients or not stoker._ddp_models:
-            return
-        # Skip DDP's all-reduce; a compiled DDP model is reached under the compile wrapper.
-        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
-        self.no_sync = (ddp or stoker._ddp_models[0]).no_sync()
-        self.no_sync.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        if self.no_sync is not None:
-            no_sync, self.no_sync = self.no_sync, None
-            no_sync.__exit__(exc_type, exc, tb)
-
-
-class PreparedOptimizer(torch.optim.Optimizer):
-    """The user's optimizer, stepping only when gradients are complete.
-
-    Under :meth:`Stoker.accumulate`, ``step()`` and ``zero_grad()`` are no-ops on non-final
-    micro-batches, so the loop body stays the same with or without accumulation. Subclasses
-    ``Optimizer`` (without calling its ``__init__``) so LR schedulers accept it.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, stoker: Stoker) -> None:
-        self.optimizer = optimizer
-        self._stoker = stoker
-
-    # The state lives in the wrapped optimizer; these keep schedulers and user code working.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        stoker = self._stoker
-        if not stoker.sync_gradients:
-            return None
-        stoker._finalize_gradients()
-        if stoker._scaler is not None:
-            result = stoker._scaler_step(self.optimizer)
-        else:
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        stoker._after_step()
-        return result
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._stoker.sync_gradients:
-            self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer}
-
-    def __repr__(self) -> str:
-        return f"PreparedOptimizer({self.optimizer!r})"
-
-
-class PreparedScheduler:
-    """The user's LR scheduler, stepping once per optimizer step, not per micro-batch."""
-
-    def __init__(self, scheduler: Any, stoker: Stoker) -> None:
-        self.scheduler = scheduler
-        self._stoker = stoker
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        if self._stoker.sync_gradients:
-            self.scheduler.step(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
-
-
-class PreparedLoader:
-    """Iterates the user's loader: this rank's shard, batches on the run's device.
-
-    The order of every epoch depends only on ``(seed, epoch)``: at the start of each pass the
-    loader's shuffling and worker-seed generators are re-seeded and ``set_epoch`` is called on
-    its samplers and collate function. That makes a resume exact: :meth:`state_dict` holds the
-    epoch and the number of batches already consumed, and a resumed pass replays the data
-    pipeline up to that position (loading but not training on those batches) before yielding.
-    """
-
-    def __init__(self, loader: DataLoader[Any], device: torch.device, stoker: Stoker) -> None:
-        self.loader = loader
-        self.device = device
-        self.epoch = 0
-        self.position = 0
-        self._skip = 0
-        self._stoker = stoker
-        self._seed = stoker.seed if stoker.seed is not None else 0
-        self._move = device.type != "cpu"
-        # Pinned host memory lets the copy overlap compute; only then is non_blocking safe.
-        self._non_blocking = device.type == "cuda" and bool(loader.pin_memory)
-
-    def _start_epoch(self) -> None:
-        loader, epoch = self.loader, self.epoch
-        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is None:
-            loader.sampler.generator = torch.Generator()
-        if loader.generator is None:  # worker seeds come from here (else from the global RNG)
-            loader.generator = torch.Generator()
-        seed = (self._seed * 1_000_003 + epoch) % 2**63
-        loader.generator.manual_seed(seed)
-        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
-            loader.sampler.generator.manual_seed(seed)
-        for part in (loader.batch_sampler, loader.sampler, loader.collate_fn):
-            set_epoch = getattr(part, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[Any]:
-        self._start_epoch()
-        stoker = self._stoker
-        iterator = iter(self.loader)
-        skip, self._skip = self._skip, 0
-        for _ in range(skip):  # replay to the resumed position, see the class docstring
-            next(iterator, None)
-        self.position = skip
-        stoker._services_resumed()
-        while True:
-            stoker._checkpoint_point()  # before fetching: `position` batches are trained on
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            self.position += 1
-            yield _move(batch, self.device, self._non_blocking) if self._move else batch
-        self.epoch += 1
-        self.position = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._skip = int(state["position"])
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
 
 
 class Stoker:
