@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from stoker import Stoker
 from stoker.checkpoint import CheckpointConfig
+from stoker.data.accounting import TokenCounter
 from stoker.data.mlm import (
     MLMCollator,
     chunk_documents,
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pack documents into full rows (default) or pad each batch to its longest",
     )
     p.add_argument("--accumulation-steps", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto")
@@ -62,17 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_loader(docs, args, vocab_size: int, *, shuffle: bool, seed: int) -> DataLoader:
-    """Rows of at most --max-len tokens, packed into full rows or padded per batch."""
+def make_loader(docs, args, vocab_size: int, *, shuffle: bool, seed: int, rank: int) -> DataLoader:
+    """Rows of at most --max-len tokens, packed into full rows or padded per batch.
+
+    The sampler's seed is the same on every rank (one plan, split over ranks); the masking
+    seed differs per rank so ranks don't mask the same positions.
+    """
     rows = chunk_documents(docs, args.max_len)
+    mask_seed = seed * 1000 + rank
     if args.layout == "pack":
         # Whole documents share a row, each attending only to itself: ~no padding.
         packing = PackingConfig(max_len=args.max_len, rows=args.batch_size)
         sampler = PackedBatchSampler([len(r) for r in rows], packing, seed=seed)
-        collate = MLMCollator(PackingCollator(packing), vocab_size=vocab_size, seed=seed)
+        collate = MLMCollator(PackingCollator(packing), vocab_size=vocab_size, seed=mask_seed)
         return DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
     layout = functools.partial(pad_batch, max_len=args.max_len)
-    collate = MLMCollator(layout, vocab_size=vocab_size, seed=seed)
+    collate = MLMCollator(layout, vocab_size=vocab_size, seed=mask_seed)
     return DataLoader(rows, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate)
 
 
@@ -116,8 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vocab_size = tokenizer.get_vocab_size()
     train_docs = load_token_documents("train", tokenizer=tokenizer, progress=stoker.is_main)
     val_docs = load_token_documents("validation", tokenizer=tokenizer, progress=stoker.is_main)
-    train_loader = make_loader(train_docs, args, vocab_size, shuffle=True, seed=args.seed)
-    val_loader = make_loader(val_docs, args, vocab_size, shuffle=False, seed=1234)
+    train_loader = make_loader(
+        train_docs, args, vocab_size, shuffle=True, seed=args.seed, rank=stoker.rank
+    )
+    val_loader = make_loader(val_docs, args, vocab_size, shuffle=False, seed=1234, rank=stoker.rank)
 
     config = EncoderConfig.preset(args.preset, vocab_size=vocab_size, max_len=args.max_len)
     model = Encoder(config)
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         disable=not stoker.is_main,
     )
     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
+    ragged = TokenCounter()  # padding and rank imbalance, counted on the device
     seen = 0
     started = window_start = time.perf_counter()
     with progress:
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     optimizer.zero_grad()
                 loss_sum, predicted = loss_sum + loss.detach() * n, predicted + n
                 tokens = tokens + batch["valid"].sum()
+                ragged.update(batch)
                 if not stoker.sync_gradients:
                     continue
                 stoker.log({"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]})
@@ -179,6 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if stoker.step >= args.steps:
                     break
     train_seconds = time.perf_counter() - started
+    data = ragged.summary()
+    stoker.log({"padding_fraction": data.padding_fraction, "rank_imbalance": data.imbalance})
+    if stoker.doctor is not None:
+        stoker.doctor.set_accounting(data)  # for its padding-waste / rank-imbalance rules
 
     accuracy, val_loss = evaluate(model, val_loader, stoker, args.eval_batches)
     baseline = unigram_baseline(train_docs, val_docs, vocab_size=vocab_size)
@@ -191,11 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "val_perplexity": math.exp(val_loss),
         "unigram_accuracy": baseline.accuracy,
         "unigram_loss": baseline.loss,
+        "padding_fraction": data.padding_fraction,
     }
     console.print(
         f"validation masked-token accuracy {accuracy:.1%} (loss {val_loss:.3f}) vs unigram "
         f"baseline {baseline.accuracy:.1%} (loss {baseline.loss:.3f}); "
-        f"{stoker.step} steps in {train_seconds:.0f} s, {seen / train_seconds:,.0f} tokens/s",
+        f"{stoker.step} steps in {train_seconds:.0f} s, {seen / train_seconds:,.0f} tokens/s, "
+        f"{data.padding_fraction:.1%} padding",
         soft_wrap=True,
     )
     return results

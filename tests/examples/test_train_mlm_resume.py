@@ -11,7 +11,10 @@ def test_train_mlm_resumes_exactly(tmp_path):
     args = ["--steps", "9", "--batch-size", "8", "--checkpoint-every", "3"]
     args += ["--eval-batches", "1", "--log-every", "100"]
     result = check_resume(
-        str(EXAMPLE), args, CheckResumeConfig(kills=1, seed=3, workdir=tmp_path), echo=lambda _: None
+        str(EXAMPLE),
+        args,
+        CheckResumeConfig(kills=1, seed=3, workdir=tmp_path),
+        echo=lambda _: None,
     )
     assert result.final_step == 9
     assert result.kill_steps and 1 <= result.kill_steps[0] < 9

@@ -99,10 +99,12 @@ class PreparedOptimizer(torch.optim.Optimizer):
         stoker = self._stoker
         if not stoker.sync_gradients:
             return None
-        stoker._finalize_gradients()
         if stoker._scaler is not None:
+            stoker._finalize_gradients()
             result = stoker._scaler_step(self.optimizer)
         else:
+            if stoker._tokens is not None:  # token-weighted window: normalise the gradients
+                stoker._finalize_gradients()
             result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         stoker._after_step()
         return result
