@@ -3,6 +3,8 @@ optimizer that loops over its tensors."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
 from stoker.doctor.session import Measurements
 
@@ -81,49 +83,36 @@ def grad_zeroing(m: Measurements, probes: Probes) -> list[Finding]:
         "optimizer.zero_grad() with the default set_to_none=True: it drops the gradients "
         "instead of writing zeros, and the next backward writes them instead of adding"
     )
-    for site, set_to_none, ms in m.zero_grads:
-        if set_to_none:
-            continue
-        saving = ms + acc
-        share = saving / m.step_ms
+
+    def finding(ms: float, what: str, site: Any) -> None:
+        share = (ms + acc) / m.step_ms  # zeroing plus the accumulate backward then does
         if share < 0.01:
-            continue
+            return
         out.append(
             Finding(
                 code="grad-zeroing",
                 severity=_severity(share),
                 share=share,
-                title=(
-                    f"zero_grad(set_to_none=False) writes zeros into every gradient ({ms:.2f} ms "
-                    f"per step) and backward then adds into them ({acc:.2f} ms)"
-                ),
+                title=f"{what} ({ms:.2f} ms per step) and backward then adds into them "
+                f"({acc:.2f} ms)",
                 fix=fix,
                 location=_loc(site),
                 evidence={"zero_ms": _ms(ms), "accumulate_ms": _ms(acc)},
             )
         )
+
+    for site, set_to_none, ms in m.zero_grads:
+        if not set_to_none:
+            finding(ms, "zero_grad(set_to_none=False) writes zeros into every gradient", site)
     attr = m.attribution
     for line in attr.lines.values():
         if attr.steps == 0 or line.grad_zeroing < attr.steps:
             continue
-        ms = 1e3 * line.seconds / attr.steps
-        saving = ms + acc
-        share = saving / m.step_ms
-        if share < 0.01:
-            continue
-        out.append(
-            Finding(
-                code="grad-zeroing",
-                severity=_severity(share),
-                share=share,
-                title=(
-                    f"gradients are zeroed by hand ({line.grad_zeroing / attr.steps:.0f} calls, "
-                    f"{ms:.2f} ms per step) and backward then adds into them ({acc:.2f} ms)"
-                ),
-                fix=fix,
-                location=_loc(line.site),
-                evidence={"zero_ms": _ms(ms), "accumulate_ms": _ms(acc)},
-            )
+        calls = line.grad_zeroing / attr.steps
+        finding(
+            1e3 * line.seconds / attr.steps,
+            f"gradients are zeroed by hand ({calls:.0f} calls per step)",
+            line.site,
         )
     return out
 
