@@ -12,27 +12,18 @@ tokenizer (byte-level BPE) is trained on first use and cached.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
 
 from stoker import Stoker
 from stoker.checkpoint import CheckpointConfig
 from stoker.data.accounting import TokenCounter
-from stoker.data.mlm import (
-    MLMCollator,
-    chunk_documents,
-    mlm_accuracy,
-    mlm_loss,
-    pad_batch,
-    unigram_baseline,
-)
-from stoker.data.packing import PackedBatchSampler, PackingCollator, PackingConfig
+from stoker.data.loaders import mlm_loader, model_inputs
+from stoker.data.mlm import mlm_accuracy, mlm_loss, unigram_baseline
 from stoker.data.tokenizer import load_token_documents, load_tokenizer
 from stoker.models import Encoder, EncoderConfig
 from stoker.schedules import warmup_cosine
@@ -61,30 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25, help="steps between progress updates")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: only at the end)")
     return p.parse_args(argv)
-
-
-def make_loader(docs, args, vocab_size: int, *, shuffle: bool, seed: int, rank: int) -> DataLoader:
-    """Rows of at most --max-len tokens, packed into full rows or padded per batch.
-
-    The sampler's seed is the same on every rank (one plan, split over ranks); the masking
-    seed differs per rank so ranks don't mask the same positions.
-    """
-    rows = chunk_documents(docs, args.max_len)
-    mask_seed = seed * 1000 + rank
-    if args.layout == "pack":
-        # Whole documents share a row, each attending only to itself: ~no padding.
-        packing = PackingConfig(max_len=args.max_len, rows=args.batch_size)
-        sampler = PackedBatchSampler([len(r) for r in rows], packing, seed=seed)
-        collate = MLMCollator(PackingCollator(packing), vocab_size=vocab_size, seed=mask_seed)
-        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
-    layout = functools.partial(pad_batch, max_len=args.max_len)
-    collate = MLMCollator(layout, vocab_size=vocab_size, seed=mask_seed)
-    return DataLoader(rows, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate)
-
-
-def model_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "attention_mask", "document_ids", "position_ids", "predict_positions")
-    return {k: batch[k] for k in keys if k in batch}
 
 
 @torch.no_grad()
@@ -122,10 +89,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     vocab_size = tokenizer.get_vocab_size()
     train_docs = load_token_documents("train", tokenizer=tokenizer, progress=stoker.is_main)
     val_docs = load_token_documents("validation", tokenizer=tokenizer, progress=stoker.is_main)
-    train_loader = make_loader(
-        train_docs, args, vocab_size, shuffle=True, seed=args.seed, rank=stoker.rank
+    shape = {"vocab_size": vocab_size, "max_len": args.max_len, "batch_size": args.batch_size}
+    train_loader = mlm_loader(
+        train_docs, **shape, layout=args.layout, seed=args.seed, rank=stoker.rank
     )
-    val_loader = make_loader(val_docs, args, vocab_size, shuffle=False, seed=1234, rank=stoker.rank)
+    val_loader = mlm_loader(
+        val_docs, **shape, layout=args.layout, shuffle=False, seed=1234, rank=stoker.rank
+    )
 
     config = EncoderConfig.preset(args.preset, vocab_size=vocab_size, max_len=args.max_len)
     model = Encoder(config)

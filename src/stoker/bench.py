@@ -236,6 +236,7 @@ class Stats:
     p25: float
     p75: float
     p90: float
+    p99: float
     mean: float
     median_lo: float
     """Lower end of a distribution-free 95% confidence interval of the median."""
@@ -273,7 +274,7 @@ def _median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
 
 
 def summarize(values: Iterable[float]) -> Stats:
-    """Median, min/max, p10/p25/p75/p90 and mean of ``values`` (at least one)."""
+    """Median, min/max, p10/p25/p75/p90/p99 and mean of ``values`` (at least one)."""
     ordered = sorted(float(v) for v in values)
     if not ordered:
         raise StokerError("cannot summarize an empty sample; run at least one timed round")
@@ -292,6 +293,7 @@ def summarize(values: Iterable[float]) -> Stats:
         p25=q(0.25),
         p75=q(0.75),
         p90=q(0.9),
+        p99=q(0.99),
         mean=sum(ordered) / len(ordered),
         median_lo=ordered[lo],
         median_hi=ordered[hi],

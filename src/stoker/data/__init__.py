@@ -3,11 +3,13 @@
 Submodules, one concept each: ``corpus`` (documents, stable split), ``tokenizer`` (byte-level
 BPE, cached), ``mlm`` (fixed-shape masking, padding collator, loss), ``samplers``
 (length-grouped, token-budget and rank-balanced batch samplers), ``packing`` (documents packed
-into rows, block-diagonal attention), ``accounting`` (padding and rank-imbalance metrics).
+into rows, block-diagonal attention), ``accounting`` (padding and
+rank-imbalance metrics), ``loaders`` (the MLM job's DataLoader).
 """
 
 from stoker.data.accounting import RaggedSummary, TokenCounter, summarize_counts, summarize_plan
 from stoker.data.corpus import CorpusConfig, Document, load_documents
+from stoker.data.loaders import mlm_loader, model_inputs
 from stoker.data.mlm import MLMCollator, chunk_documents, mlm_accuracy, mlm_loss, pad_batch
 from stoker.data.packing import (
     PackedBatchSampler,
@@ -36,7 +38,9 @@ __all__ = [
     "load_token_documents",
     "load_tokenizer",
     "mlm_accuracy",
+    "mlm_loader",
     "mlm_loss",
+    "model_inputs",
     "pack_rows",
     "pad_batch",
     "summarize_counts",

@@ -49,7 +49,10 @@ class EncoderConfig:
     layers: int = 4
     """Number of transformer blocks."""
     heads: int = 4
-    """Attention heads; must divide ``dim``."""
+    """Attention heads; must divide ``dim`` unless ``head_dim`` is given."""
+    head_dim: int | None = None
+    """Width of each head; default ``dim // heads``. Structured pruning removes heads and sets
+    it, so that ``heads * head_dim`` (the attention width) can be smaller than ``dim``."""
     ffn_dim: int = 1024
     """Hidden width of the MLP (usually 4 * dim)."""
     dropout: float = 0.0
@@ -62,13 +65,21 @@ class EncoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise StokerError(f"EncoderConfig.{name}={value!r} must be a positive integer.")
-        if self.dim % self.heads:
+        head_dim = self.head_dim
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+            raise StokerError(f"EncoderConfig.head_dim={head_dim!r} must be a positive integer.")
+        if self.head_dim is None and self.dim % self.heads:
             raise StokerError(
                 f"EncoderConfig.dim={self.dim} is not divisible by heads={self.heads}; "
                 f"choose heads among the divisors of dim (e.g. {self.dim // 64 or 1})."
             )
         if not 0.0 <= self.dropout < 1.0:
             raise StokerError(f"EncoderConfig.dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def attn_dim(self) -> int:
+        """Total width of the attention heads, ``heads * head_dim`` (``dim`` unless pruned)."""
+        return self.heads * (self.head_dim or self.dim // self.heads)
 
     @staticmethod
     def preset(name: str, **overrides: Any) -> EncoderConfig:
@@ -129,17 +140,18 @@ class _Block(nn.Module):
         self.heads = cfg.heads
         self.dropout = cfg.dropout
         self.attn_norm = nn.LayerNorm(cfg.dim)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.attn_out = nn.Linear(cfg.dim, cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.attn_dim)
+        self.attn_out = nn.Linear(cfg.attn_dim, cfg.dim)
         self.mlp_norm = nn.LayerNorm(cfg.dim)
         self.mlp_in = nn.Linear(cfg.dim, cfg.ffn_dim)
         self.mlp_out = nn.Linear(cfg.ffn_dim, cfg.dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        b, t, d = x.shape
-        # [B, T, 3D] -> 3 x [B, H, T, D/H]
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        b, t, _ = x.shape
+        # [B, T, 3A] -> 3 x [B, H, T, A/H], A = heads * head_dim (= D unless heads were pruned)
+        qkv = self.qkv(self.attn_norm(x))
+        q, k, v = qkv.view(b, t, 3, self.heads, qkv.size(-1) // (3 * self.heads)).unbind(2)
         y = _attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -147,7 +159,7 @@ class _Block(nn.Module):
             mask,
             self.dropout if self.training else 0.0,
         )
-        x = x + self.resid_drop(self.attn_out(y.transpose(1, 2).reshape(b, t, d)))
+        x = x + self.resid_drop(self.attn_out(y.transpose(1, 2).reshape(b, t, -1)))
         h = F.gelu(self.mlp_in(self.mlp_norm(x)))
         return x + self.resid_drop(self.mlp_out(h))
 

@@ -1,0 +1,149 @@
+"""The compressed-model file: one ``.safetensors`` file, tensors plus a JSON header entry.
+
+Layout (tensor keys):
+
+- ``<param>``: every parameter of the (pruned) encoder, fp32, or bf16 for ``--quantize bf16``;
+  for int8 forms the block linears' weights are int8, with ``<param>:scale`` (fp32, one per
+  output channel) beside them;
+- ``observer:<buffer>``: int8-static's calibrated activation observers.
+
+The header entry ``stoker.compressed`` holds the encoder config and the prune / quant configs
+as JSON. Reading uses safetensors and ``json`` only: a file is data and never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+from stoker.compress.config import PruneConfig, QuantConfig
+from stoker.errors import StokerError
+from stoker.models import EncoderConfig
+
+__all__ = ["FORMAT", "Artifact", "read_artifact", "write_artifact"]
+
+FORMAT = 1
+_HEADER = "stoker.compressed"
+_SCALE = ":scale"
+_OBSERVER = "observer:"
+
+
+class Artifact:
+    """What a compressed-model file holds, decoded: configs, fp32 weights, observers."""
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        prune: PruneConfig,
+        quant: QuantConfig,
+        weights: dict[str, Tensor],
+        observers: dict[str, Tensor],
+        info: dict[str, Any],
+        stored_bytes: dict[str, int],
+    ) -> None:
+        self.config = config
+        self.prune = prune
+        self.quant = quant
+        self.weights = weights
+        """Floating-point state dict of the encoder (int8 weights already times their scale)."""
+        self.observers = observers
+        self.info = info
+        """Free-form provenance: source checkpoint, sparsity reached, fine-tune losses."""
+        self.stored_bytes = stored_bytes
+        """Bytes each parameter takes in the file (an int8 weight's scales included)."""
+
+
+def write_artifact(
+    path: str | Path,
+    config: EncoderConfig,
+    prune: PruneConfig,
+    quant: QuantConfig,
+    state: dict[str, Tensor],
+    *,
+    int8: dict[str, tuple[Tensor, Tensor]],
+    observers: dict[str, Tensor],
+    info: dict[str, Any],
+) -> Path:
+    """Write the file atomically (temporary name, then rename); returns its path."""
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if name in int8:
+            q, scale = int8[name]
+            tensors[name], tensors[name + _SCALE] = q.contiguous(), scale.contiguous()
+        elif quant.method == "bf16" and value.is_floating_point():
+            tensors[name] = value.detach().to(torch.bfloat16).contiguous()
+        else:
+            tensors[name] = value.detach().float().contiguous()
+    for name, value in observers.items():
+        tensors[_OBSERVER + name] = value.detach().contiguous()
+    header = {
+        "format": FORMAT,
+        "encoder": asdict(config),
+        "prune": asdict(prune),
+        "quant": asdict(quant),
+        "info": info,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={_HEADER: json.dumps(header)})
+    tmp.replace(path)
+    return path
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Decode a compressed-model file; a file that is not one raises a one-line StokerError."""
+    path = Path(path)
+    if not path.is_file():
+        raise StokerError(f"{path}: no such compressed-model file; make one with stoker compress.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_HEADER)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StokerError(f"{path}: not a readable safetensors file ({exc}).") from None
+    if raw is None:
+        raise StokerError(
+            f"{path}: a safetensors file without a stoker.compressed header; "
+            "give the .safetensors file written by stoker compress."
+        )
+    try:
+        header = json.loads(raw)
+        if header.get("format") != FORMAT:
+            raise StokerError(
+                f"{path}: compressed-model format {header.get('format')!r}, this stoker reads "
+                f"{FORMAT}; compress the checkpoint again with this version."
+            )
+        config = EncoderConfig(**header["encoder"])
+        prune = PruneConfig(**header["prune"])
+        quant = QuantConfig(**header["quant"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise StokerError(f"{path}: damaged stoker.compressed header ({exc}).") from None
+    weights: dict[str, Tensor] = {}
+    observers: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        if name.startswith(_OBSERVER):
+            observers[name.removeprefix(_OBSERVER)] = value
+        elif name.endswith(_SCALE):
+            continue
+        elif value.dtype == torch.int8:
+            scale = tensors.get(name + _SCALE)
+            if scale is None:
+                raise StokerError(
+                    f"{path}: int8 tensor {name!r} has no scale; the file is damaged."
+                )
+            weights[name] = value.float() * scale[:, None]
+        else:
+            weights[name] = value.float()
+    stored = {name: tensors[name].nbytes for name in weights}
+    for name in stored:
+        if name + _SCALE in tensors:
+            stored[name] += tensors[name + _SCALE].nbytes
+    return Artifact(config, prune, quant, weights, observers, header.get("info", {}), stored)
