@@ -97,7 +97,11 @@ def compress(
             "fine-tuning and int8-static calibration read training batches: pass "
             "train_loader=stoker.data.mlm_loader(train documents, ...)."
         )
-    work = copy.deepcopy(model).float().eval()
+    # A fresh module from the weights, not a deepcopy: a model that went through
+    # Stoker.prepare carries its autocast forward wrapper, which torch.export would trace.
+    work = Encoder(model.config)
+    work.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    work.eval()
     masks: Masks = {}
     params_before = sum(p.numel() for p in work.parameters())
     if prune.method == "magnitude":
@@ -119,6 +123,11 @@ def compress(
         )
     work = work.float().eval()
     int8 = snap_to_int8_(work) if quant.is_int8 else {}
+    if quant.computes_in_bf16:  # what the file will hold: bf16 values, computed in fp32 here
+        with torch.no_grad():
+            for name, param in work.named_parameters():
+                if name not in int8:
+                    param.copy_(param.to(torch.bfloat16).float())
     observers: dict[str, Tensor] = {}
     if quant.method == "int8-static":
         assert train_loader is not None

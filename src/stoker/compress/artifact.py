@@ -2,9 +2,9 @@
 
 Layout (tensor keys):
 
-- ``<param>``: every parameter of the (pruned) encoder, fp32, or bf16 for ``--quantize bf16``;
-  for int8 forms the block linears' weights are int8, with ``<param>:scale`` (fp32, one per
-  output channel) beside them;
+- ``<param>``: every parameter of the (pruned) encoder, fp32, or bf16 for the forms that
+  compute in bf16 (``bf16``, ``int8-static``, ``int8-weight``); for int8 forms the block
+  linears' weights are int8, with ``<param>:scale`` (fp32, one per output channel) beside them;
 - ``observer:<buffer>``: int8-static's calibrated activation observers.
 
 The header entry ``stoker.compressed`` holds the encoder config and the prune / quant configs
@@ -78,7 +78,7 @@ def write_artifact(
         if name in int8:
             q, scale = int8[name]
             tensors[name], tensors[name + _SCALE] = q.contiguous(), scale.contiguous()
-        elif quant.method == "bf16" and value.is_floating_point():
+        elif quant.computes_in_bf16 and value.is_floating_point():
             tensors[name] = value.detach().to(torch.bfloat16).contiguous()
         else:
             tensors[name] = value.detach().float().contiguous()

@@ -90,3 +90,9 @@ class QuantConfig:
     @property
     def is_int8(self) -> bool:
         return self.method.startswith("int8")
+
+    @property
+    def computes_in_bf16(self) -> bool:
+        """Runs under bf16 autocast: the weights that are not int8 are stored in bf16 too,
+        since every product they enter is computed in bf16 anyway."""
+        return self.method in ("bf16", "int8-static", "int8-weight")

@@ -54,4 +54,8 @@ def finetune(
     finally:
         remove()
         stoker.close()
-    return stoker.unwrap(net).eval()
+    # A fresh module with the trained weights: prepare() wrapped this instance's forward in
+    # autocast, which torch.export (int8-static) would otherwise trace into the graph.
+    tuned = Encoder(model.config)
+    tuned.load_state_dict(stoker.unwrap(net).state_dict())
+    return tuned.eval()

@@ -18,8 +18,9 @@ recipe gave wrong logits on this encoder with torch 2.13 / torchao 0.18: 5% accu
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch._inductor.config as _inductor_config
@@ -34,6 +35,21 @@ __all__ = ["OBSERVER_PREFIX", "Runnable", "build_runnable", "serving_inputs", "s
 
 OBSERVER_PREFIX = "activation_post_process_"
 Runnable = Callable[..., Tensor]
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """Import torchao without its warnings about CUDA-only kernels missing from a CPU install
+    (and torch's about torchao registering an enum): noise, not news, for a CPU user."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 @torch.no_grad()
@@ -117,8 +133,9 @@ def _pt2e(
     calibration: Iterable[dict[str, Tensor]] | None,
     observers: dict[str, Tensor] | None,
 ) -> tuple[nn.Module, dict[str, Tensor]]:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    with _quiet_torchao():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_module_type_qconfig(nn.Linear, x86.get_default_x86_inductor_quantization_config())
@@ -176,11 +193,12 @@ def build_runnable(
     if quant.method == "bf16":
         module = model.to(torch.bfloat16)
     elif quant.method in ("int8-weight", "int8-dynamic"):
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            Int8WeightOnlyConfig,
-            quantize_,
-        )
+        with _quiet_torchao():
+            from torchao.quantization import (
+                Int8DynamicActivationInt8WeightConfig,
+                Int8WeightOnlyConfig,
+                quantize_,
+            )
 
         linears = set(prunable_linears(model).values())
         recipe = (

@@ -1,0 +1,139 @@
+"""``stoker compress RUN_OR_CHECKPOINT``: prune and/or quantize a trained MLM encoder, save it,
+and print the measured size / latency / accuracy table against the fp32 and bf16 baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from stoker.compress import (
+    PRUNE_METHODS,
+    QUANT_METHODS,
+    PruneConfig,
+    QuantConfig,
+    compress,
+    evaluate,
+    evaluation_table,
+    load_compressed,
+    load_trained,
+)
+from stoker.data import load_token_documents, load_tokenizer, mlm_loader
+from stoker.errors import StokerError
+from stoker.records.listing import find_run
+
+NAME = "compress"
+HELP = "prune / quantize a trained MLM run and measure size, CPU latency and accuracy"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", help="run directory, run id (or -1: latest), or a step-N checkpoint directory"
+    )
+    parser.add_argument("--prune", choices=PRUNE_METHODS, default="none")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="magnitude: fraction of weights zeroed; structured: fraction of FFN neurons removed",
+    )
+    parser.add_argument(
+        "--head-sparsity", type=float, default=0.0, help="structured: fraction of heads removed"
+    )
+    parser.add_argument("--quantize", choices=QUANT_METHODS, default="int8-static")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="MLM steps after pruning")
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--calibration-batches", type=int, default=8, help="int8-static")
+    parser.add_argument("--out", type=Path, default=None, help="output .safetensors file")
+    parser.add_argument("--eval-batches", type=int, default=50, help="validation batches")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per batch size")
+    parser.add_argument("--no-baselines", action="store_true", help="skip fp32 / bf16 rows")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="measure eager (int8 is slow uncompiled)"
+    )
+    parser.add_argument("--root", default=None, help="runs directory, for run ids")
+
+
+def _resolve(source: str, root: str | None) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    return find_run(source, root)
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    prune = PruneConfig(
+        method=args.prune,
+        sparsity=args.sparsity,
+        head_sparsity=args.head_sparsity,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+    )
+    quant = QuantConfig(method=args.quantize, calibration_batches=args.calibration_batches)
+    if args.eval_batches < 1:
+        raise StokerError(f"--eval-batches {args.eval_batches}: needs at least 1.")
+    trained = load_trained(_resolve(args.source, args.root))
+    cfg = trained.model.config
+    console.print(
+        f"stoker compress: {trained.checkpoint} ({cfg.dim}x{cfg.layers} encoder, "
+        f"{trained.model.num_parameters() / 1e6:.2f}M parameters)",
+        soft_wrap=True,
+    )
+    tokenizer = load_tokenizer(progress=True)
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise StokerError(
+            f"the model has {cfg.vocab_size} token ids, the cached tokenizer "
+            f"{tokenizer.get_vocab_size()}: it was trained with another tokenizer."
+        )
+    shape = {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "batch_size": 32}
+    train = mlm_loader(load_token_documents("train", tokenizer=tokenizer), **shape, seed=1)
+    val = mlm_loader(
+        load_token_documents("validation", tokenizer=tokenizer), **shape, shuffle=False, seed=1234
+    )
+    val_batches = [b for _, b in zip(range(args.eval_batches), val, strict=False)]
+
+    progress = Progress(
+        TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), console=console
+    )
+    with progress:
+        task = progress.add_task("fine-tune", total=prune.finetune_steps, visible=False)
+        if prune.finetune_steps:
+            progress.update(task, visible=True)
+        result = compress(
+            trained.model,
+            prune,
+            quant,
+            train_loader=train,
+            on_finetune_step=lambda step, _loss: progress.update(task, completed=step),
+        )
+    result.info["source"] = str(trained.checkpoint)
+    base_dir = trained.run_dir or trained.checkpoint
+    label = f"{prune.label}-{quant.method}".replace(":", "").replace("%", "").replace("+", "-")
+    out = args.out or base_dir / "compressed" / f"{label}.safetensors"
+    path = result.save(out)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+    compile_ = not args.no_compile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        forms = [] if args.no_baselines else [("fp32", "none"), ("bf16", "bf16")]
+        for name, method in forms:
+            baseline = compress(trained.model, PruneConfig(), QuantConfig(method=method))
+            with console.status(f"measuring the {name} baseline"):
+                served = load_compressed(
+                    baseline.save(Path(tmp) / f"{name}.safetensors"), compile=compile_
+                )
+                rows.append(evaluate(served, val_batches, repeats=args.repeats, name=name))
+        with console.status(f"measuring {label} (compiling on first calls)"):
+            served = load_compressed(path, compile=compile_)
+            rows.append(evaluate(served, val_batches, repeats=args.repeats))
+    Console().print(evaluation_table(rows, title="stoker compress"))
+    report = path.with_suffix(".json")
+    report.write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
+    console.print(f"wrote {report}")
+    return 0
