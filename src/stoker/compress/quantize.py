@@ -212,6 +212,14 @@ def build_runnable(
         module, saved = _pt2e(model, calibration=calibration, observers=observers)
         autocast = True
     if compile:
+        # inductor's int8 lowering warns about its own tensor copies on every compile; the
+        # warning is about torch's code, not the caller's, so it is filtered (narrowly).
+        warnings.filterwarnings(
+            "ignore",
+            message="To copy construct from a tensor",
+            category=UserWarning,
+            module=r"torch\._inductor\.mkldnn_lowerings",
+        )
         module = torch.compile(module)
 
     def run(**inputs: Tensor) -> Tensor:

@@ -1,0 +1,164 @@
+"""Compressed-model CPU inference: latency of every form against fp32, interleaved, plus size
+and validation quality — the numbers issue 6 asks for.
+
+The trained model is the README's main job's (``python examples/train_mlm.py`` leaves its
+final checkpoint in ``runs/<id>-train_mlm/``); ``--source`` picks another run or checkpoint.
+Every form is compressed, saved, loaded back with ``stoker.compress.load_compressed`` (the
+serving path, compiled unless ``--no-compile``) and called with rows of a validation batch
+(128 tokens, masked positions predicted, as in training):
+
+- ``fp32``, ``bf16``: the baselines; ``int8-static`` / ``int8-dynamic`` / ``int8-weight``;
+- ``ffn-50%``: half of every block's FFN neurons removed, fine-tuned ``--finetune-steps``;
+  ``ffn-50% + int8``: the same, then int8-static.
+
+Latency: ``Bench.compare`` per batch size (warm-up rounds absorb compilation), candidates
+interleaved, ratio of medians to fp32. Quality: masked-token accuracy and perplexity over
+``--eval-batches`` validation batches. Acceptance (issue 6): int8 >= 2x fp32 at batch 32,
+>= 3.5x fewer linear-weight bytes, accuracy within 1 point of fp32.
+
+    python benchmarks/compress.py                    # latest run under ./runs, ~10 min
+    python benchmarks/compress.py --source RUN_DIR
+    python benchmarks/compress.py --quick            # smoke test, not a result
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from stoker.bench import Bench, Candidate, bench_parser
+from stoker.compress import (
+    CompressedModel,
+    PruneConfig,
+    QuantConfig,
+    compress,
+    evaluate,
+    load_compressed,
+    load_trained,
+)
+from stoker.data import load_token_documents, load_tokenizer, mlm_loader, model_inputs
+from stoker.records.listing import find_run
+
+parser = bench_parser("Compressed-model latency, size and accuracy against fp32.", repeats=20)
+parser.add_argument("--source", default="-1", help="run dir, run id or checkpoint (-1: latest)")
+parser.add_argument("--eval-batches", type=int, default=50)
+parser.add_argument("--finetune-steps", type=int, default=200)
+parser.add_argument("--batch-sizes", default="1,32")
+parser.add_argument("--no-compile", action="store_true")
+args = parser.parse_args()
+quick = args.quick
+source = Path(args.source) if Path(args.source).exists() else find_run(args.source)
+trained = load_trained(source)
+bench = Bench.from_args(
+    "compress",
+    args,
+    meta={"source": str(trained.checkpoint), "compile": not args.no_compile},
+)
+cfg = trained.model.config
+tokenizer = load_tokenizer(progress=True)
+shape = {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "batch_size": 32}
+train = mlm_loader(load_token_documents("train", tokenizer=tokenizer), **shape, seed=1)
+val = mlm_loader(
+    load_token_documents("validation", tokenizer=tokenizer), **shape, shuffle=False, seed=1234
+)
+n_eval = 2 if quick else args.eval_batches
+val_batches = [b for _, b in zip(range(n_eval), val, strict=False)]
+steps = 2 if quick else args.finetune_steps
+ffn = PruneConfig(method="structured", sparsity=0.5, finetune_steps=steps)
+FORMS = {
+    "fp32": (PruneConfig(), QuantConfig()),
+    "bf16": (PruneConfig(), QuantConfig(method="bf16")),
+    "int8-static": (PruneConfig(), QuantConfig(method="int8-static")),
+    "int8-dynamic": (PruneConfig(), QuantConfig(method="int8-dynamic")),
+    "int8-weight": (PruneConfig(), QuantConfig(method="int8-weight")),
+    "ffn-50%": (ffn, QuantConfig()),
+    "ffn-50% + int8": (ffn, QuantConfig(method="int8-static")),
+}
+
+served: dict[str, CompressedModel] = {}
+quality = {}
+with tempfile.TemporaryDirectory() as tmp:
+    for name, (prune, quant) in FORMS.items():
+        if bench.console is not None:
+            bench.console.print(f"compressing: {name}")
+        made = compress(trained.model, prune, quant, train_loader=train)
+        model = load_compressed(
+            made.save(Path(tmp) / f"{len(served)}.safetensors"), compile=not args.no_compile
+        )
+        served[name] = model
+        quality[name] = evaluate(model, val_batches, batch_sizes=(1,), warmup=1, repeats=1)
+
+base = quality["fp32"]
+table = Table(title=f"compressed forms: size and quality ({n_eval} validation batches)")
+for col in ("form", "params (non-zero)", "file MB", "linear MB", "linear x fewer", "acc", "ppl"):
+    table.add_column(col, justify="left" if col == "form" else "right")
+for name, e in quality.items():
+    table.add_row(
+        name,
+        f"{e.params / 1e6:.2f}M ({e.nonzero_params / 1e6:.2f}M)",
+        f"{e.file_bytes / 1e6:.2f}",
+        f"{e.linear_weight_bytes / 1e6:.2f}",
+        f"{base.linear_weight_bytes / e.linear_weight_bytes:.2f}",
+        f"{e.accuracy:.2%}",
+        f"{e.perplexity:.2f}",
+    )
+if bench.console is not None:
+    bench.console.print(table)
+bench.meta["quality"] = {
+    k: {
+        f: getattr(e, f)
+        for f in (
+            "params",
+            "nonzero_params",
+            "file_bytes",
+            "linear_weight_bytes",
+            "accuracy",
+            "perplexity",
+        )
+    }
+    for k, e in quality.items()
+}
+
+speed = {}
+for b in (int(x) for x in args.batch_sizes.split(",")):
+    inputs = {k: v[torch.arange(b) % v.size(0)] for k, v in model_inputs(val_batches[0]).items()}
+    tokens = b * inputs["input_ids"].size(1)
+    result = bench.compare(
+        f"batch {b}",
+        [Candidate(n, (lambda m=m, x=inputs: m(**x)), work=tokens) for n, m in served.items()],
+        baseline="fp32",
+        unit="tokens",
+    )
+    speed[b] = {n: result[n].speedup for n in served}  # > 1: faster than fp32
+
+top = max(speed)
+int8, bf16 = quality["int8-static"], quality["bf16"]
+checks = {
+    f"int8-static >= 2x fp32 at batch {top}": speed[top]["int8-static"] >= 2.0,
+    "int8 linear weights >= 3.5x fewer bytes": base.linear_weight_bytes / int8.linear_weight_bytes
+    >= 3.5,
+    "int8 accuracy within 1 point of fp32": base.accuracy - int8.accuracy <= 0.01,
+    f"int8-static faster than bf16 at batch {top}": speed[top]["int8-static"] > speed[top]["bf16"],
+}
+bench.meta.update(
+    speedup=speed,
+    checks=checks,
+    int8_vs_bf16={b: speed[b]["int8-static"] / speed[b]["bf16"] for b in speed},
+    ffn50={
+        "speedup": {b: speed[b]["ffn-50%"] for b in speed},
+        "accuracy": quality["ffn-50%"].accuracy,
+        "fp32_accuracy": base.accuracy,
+        "finetune_steps": steps,
+    },
+)
+if bench.console is not None:
+    for text, ok in checks.items():
+        bench.console.print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    bench.console.print(
+        "int8-static / bf16 speed: "
+        + ", ".join(f"batch {b}: {speed[b]['int8-static'] / speed[b]['bf16']:.2f}x" for b in speed)
+    )
+bench.save()
