@@ -23,6 +23,7 @@ interleaved, ratio of medians to fp32. Quality: masked-token accuracy and perple
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -59,11 +60,11 @@ bench = Bench.from_args(
 )
 cfg = trained.model.config
 tokenizer = load_tokenizer(progress=True)
-shape = {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "batch_size": 32}
-train = mlm_loader(load_token_documents("train", tokenizer=tokenizer), **shape, seed=1)
-val = mlm_loader(
-    load_token_documents("validation", tokenizer=tokenizer), **shape, shuffle=False, seed=1234
+loader = functools.partial(
+    mlm_loader, vocab_size=cfg.vocab_size, max_len=cfg.max_len, batch_size=32
 )
+train = loader(load_token_documents("train", tokenizer=tokenizer), seed=1)
+val = loader(load_token_documents("validation", tokenizer=tokenizer), shuffle=False, seed=1234)
 n_eval = 2 if quick else args.eval_batches
 val_batches = [b for _, b in zip(range(n_eval), val, strict=False)]
 steps = 2 if quick else args.finetune_steps

@@ -4,6 +4,7 @@ and print the measured size / latency / accuracy table against the fp32 and bf16
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -90,11 +91,11 @@ def main(args: argparse.Namespace) -> int:
             f"the model has {cfg.vocab_size} token ids, the cached tokenizer "
             f"{tokenizer.get_vocab_size()}: it was trained with another tokenizer."
         )
-    shape = {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "batch_size": 32}
-    train = mlm_loader(load_token_documents("train", tokenizer=tokenizer), **shape, seed=1)
-    val = mlm_loader(
-        load_token_documents("validation", tokenizer=tokenizer), **shape, shuffle=False, seed=1234
+    loader = functools.partial(
+        mlm_loader, vocab_size=cfg.vocab_size, max_len=cfg.max_len, batch_size=32
     )
+    train = loader(load_token_documents("train", tokenizer=tokenizer), seed=1)
+    val = loader(load_token_documents("validation", tokenizer=tokenizer), shuffle=False, seed=1234)
     val_batches = [b for _, b in zip(range(args.eval_batches), val, strict=False)]
 
     progress = Progress(

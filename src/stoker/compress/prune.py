@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -147,8 +148,9 @@ def structured_prune(model: Encoder, ffn_sparsity: float, head_sparsity: float =
     pruned = Encoder(new_cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
     pruned.load_state_dict(state, strict=False)
+    old: Any
+    new: Any
     for old, new in zip(model.blocks, pruned.blocks, strict=True):
-        assert isinstance(old, nn.Module) and isinstance(new, nn.Module)
         neuron = old.mlp_in.weight.norm(dim=1) * old.mlp_out.weight.norm(dim=0)
         keep = _top(neuron, ffn_keep)
         new.mlp_in = _keep_rows(old.mlp_in, keep)

@@ -220,7 +220,15 @@ def build_runnable(
             category=UserWarning,
             module=r"torch\._inductor\.mkldnn_lowerings",
         )
-        module = torch.compile(module)
+        # Every eager form compiles the same code object (Encoder.forward), and each loaded
+        # model and input shape adds an entry for it: past dynamo's default limit of 8 a
+        # model would silently run uncompiled. One entry per (model, shape) is expected here.
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        compiled: Callable[..., Tensor] = torch.compile(module)
+    else:
+        compiled = module
 
     def run(**inputs: Tensor) -> Tensor:
         guard = (
@@ -233,6 +241,6 @@ def build_runnable(
         # around each call because a new input shape compiles again inside the call.
         frozen = _inductor_config.patch(freezing=True) if compile else contextlib.nullcontext()
         with torch.no_grad(), guard, frozen:
-            return module(**inputs).float()
+            return compiled(**inputs).float()
 
     return run, saved

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from stoker.data.mlm import MLMCollator, chunk_documents, pad_batch
@@ -18,7 +20,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "document_ids", "position_ids", "
 
 
 def mlm_loader(
-    docs: Sequence[Sequence[int]],
+    docs: Sequence[np.ndarray],
     *,
     vocab_size: int,
     max_len: int,
@@ -35,7 +37,7 @@ def mlm_loader(
     the same on every rank (one plan, split over ranks); the masking seed differs per rank so
     ranks don't mask the same positions.
     """
-    rows = chunk_documents(docs, max_len)
+    rows: Any = chunk_documents(docs, max_len)  # a list is a map-style dataset
     mask_seed = seed * 1000 + rank
     if layout == "pack":
         packing = PackingConfig(max_len=max_len, rows=batch_size)

@@ -10,6 +10,7 @@ large model beats a small model of equal or larger size.
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -205,7 +206,7 @@ def _train(
                 clock.start()
     result.steps, result.tokens, result.train_seconds = stoker.step, int(tokens), clock.elapsed
     stoker.close()
-    return stoker.unwrap(net).eval(), result
+    return model.eval(), result  # prepare() kept this module (one process: no DDP wrapper)
 
 
 def run_experiment(cfg: ExperimentConfig, console: Console | None = None) -> Path:
@@ -216,11 +217,11 @@ def run_experiment(cfg: ExperimentConfig, console: Console | None = None) -> Pat
     vocab = tokenizer.get_vocab_size()
     train_docs = load_token_documents("train", tokenizer=tokenizer)
     val_docs = load_token_documents("validation", tokenizer=tokenizer)
-    shape = {"vocab_size": vocab, "max_len": MAX_LEN, "batch_size": BATCH}
-    val_loader = mlm_loader(val_docs, **shape, shuffle=False, seed=1234)
+    loader = functools.partial(mlm_loader, vocab_size=vocab, max_len=MAX_LEN, batch_size=BATCH)
+    val_loader = loader(val_docs, shuffle=False, seed=1234)
     val_batches = [b for _, b in zip(range(cfg.eval_batches), val_loader, strict=False)]
     curve_batches = val_batches[: cfg.curve_batches]
-    train_loader = mlm_loader(train_docs, **shape, seed=1)
+    train_loader = loader(train_docs, seed=1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in cfg.sizes:
