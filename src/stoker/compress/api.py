@@ -136,6 +136,5 @@ def compress(
         ]
         _, observers = build_runnable(copy.deepcopy(work), quant, calibration=batches)
     info["linear_sparsity"] = _sparsity(work)
-    with torch.no_grad():
-        info["params"] = sum(p.numel() for p in work.parameters())
+    info["params"] = sum(p.numel() for p in work.parameters())
     return Compressed(work, prune, quant, int8=int8, observers=observers, info=info)
