@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -133,7 +134,10 @@ def main(args: argparse.Namespace) -> int:
         with console.status(f"measuring {label} (compiling on first calls)"):
             served = load_compressed(path, compile=compile_)
             rows.append(evaluate(served, val_batches, repeats=args.repeats))
-    Console().print(evaluation_table(rows, title="stoker compress"))
+    # piped output gets the table at full width rather than squeezed into 80 columns
+    Console(width=None if sys.stdout.isatty() else 160).print(
+        evaluation_table(rows, title="stoker compress")
+    )
     report = path.with_suffix(".json")
     report.write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
     console.print(f"wrote {report}")
