@@ -1,87 +1,16 @@
-"""The benchmark harness every script in ``benchmarks/`` uses.
-
-A benchmark is a few *candidates* (zero-argument callables doing the same work in different
-ways) compared against a named *baseline* in the same process. The harness:
-
-- runs warm-up rounds, then timed rounds, **interleaved**: round 0 runs A B C, round 1 runs
-  C B A, round 2 A B C, ... so slow drift (thermal, turbo, a neighbour on the VM) hits every
-  candidate alike;
-- times each sample with :func:`time.perf_counter` around ``number`` calls, synchronising
-  CUDA/MPS (when in use) before starting and before stopping the clock (``--clock thread``
-  measures the thread's CPU time instead, with one torch thread: steadier on a busy machine);
-- reports per-call median, min/max and p10/p90, throughput when a candidate reports its work
-  (tokens, samples, ...), and the ratio to the baseline: the median over rounds of
-  ``candidate time / baseline time in the same round`` (paired, hence robust to drift), with a
-  distribution-free 95% confidence interval of that median;
-- refuses a candidate that changes process-wide state the others would inherit (torch intra-op
-  threads, CPU autocast, grad mode, fp32 matmul precision);
-- prints a rich table per comparison and writes one JSON file per run (default directory
-  ``bench-results/``) holding every sample plus the environment: versions, CPU model and flags,
-  threads, load average, hostname, git revision, timestamp.
-
-A benchmark script looks like this (every script in ``benchmarks/`` has the same CLI:
-``--quick``, ``--repeats``, ``--warmup``, ``--out``, ``--no-save``, ``--clock``)::
-
-    import torch
-    from stoker.bench import Bench, Candidate, bench_parser
-
-    parser = bench_parser("Matrix product: bf16 against fp32.")
-    parser.add_argument("--size", type=int, default=1024)
-    args = parser.parse_args()
-    bench = Bench.from_args("matmul", args, meta={"size": args.size})
-
-    a = torch.randn(args.size, args.size)
-    b = a.bfloat16()
-    flops = 2 * args.size**3  # one n x n x n product, multiply + add
-    bench.compare(
-        "matmul",
-        [
-            Candidate("fp32", lambda: a @ a, work=flops),
-            Candidate("bf16", lambda: b @ b, work=flops),
-        ],
-        baseline="fp32",
-        unit="flop",
-        number=10,  # calls per timed sample: make a sample >= ~10 ms
-    )
-    bench.save()  # -> bench-results/matmul-20250101T120000Z.json
-
-A candidate whose work varies per call (ragged batches) returns it and says so:
-``Candidate("packed", step, returns_work=True)``; the returned value (number or 0-d tensor) is
-converted after the clock stops, so a device tensor costs no sync inside the timed region.
-
-Executed example (tests/test_bench.py runs it):
-
-    >>> import time
-    >>> from stoker.bench import Bench, BenchConfig, Candidate
-    >>> bench = Bench("doc", BenchConfig(warmup=1, repeats=3, out_dir=None), quiet=True)
-    >>> result = bench.compare(
-    ...     "sleep",
-    ...     [
-    ...         Candidate("short", lambda: time.sleep(0.001)),
-    ...         Candidate("long", lambda: time.sleep(0.010)),
-    ...     ],
-    ...     baseline="short",
-    ... )
-    >>> result["long"].ratio > 1.5
-    True
-"""
+"""``Bench``: interleaved warm-up and timed rounds, the table, the JSON; its config and CLI."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import gc
-import importlib.metadata
 import json
-import math
 import os
-import platform
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,29 +18,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from stoker.bench.environment import environment
+from stoker.bench.results import CandidateResult, Comparison
+from stoker.bench.stats import summarize
 from stoker.errors import StokerError
-
-__all__ = [
-    "Bench",
-    "BenchConfig",
-    "Candidate",
-    "CandidateResult",
-    "Comparison",
-    "Stats",
-    "autorange",
-    "bench_parser",
-    "environment",
-    "summarize",
-]
 
 DEFAULT_OUT_DIR = Path("bench-results")
 # (warmup rounds, timed rounds) for a normal run and for --quick (a smoke test, not a claim).
 _DEFAULT_ROUNDS = (3, 15)
 _QUICK_ROUNDS = (1, 3)
-# CPU flags that decide which kernels run on x86 (bf16/int8 matrix units).
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 CLOCKS = ("wall", "thread")
-_PACKAGES = ("torch", "numpy", "stoker", "rich", "accelerate", "lightning", "torchao", "tokenizers")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -219,285 +135,6 @@ class Candidate:
             )
         if self.work is not None and not self.work > 0:
             raise StokerError(f"candidate {self.name!r} has work={self.work}; it must be > 0")
-
-
-# ------------------------------------------------------------------------------------ stats
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """Order statistics of a sample (quantiles interpolate linearly, like numpy's default)."""
-
-    n: int
-    median: float
-    min: float
-    max: float
-    p10: float
-    p25: float
-    p75: float
-    p90: float
-    p99: float
-    mean: float
-    median_lo: float
-    """Lower end of a distribution-free 95% confidence interval of the median."""
-    median_hi: float
-    """Upper end of it; with fewer than 6 values the interval is the whole range."""
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    # Linear interpolation between closest ranks: position q*(n-1), as numpy.quantile.
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def _median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
-    """0-based ranks ``(lo, hi)`` of a distribution-free confidence interval of the median.
-
-    The number of values below the true median is Binomial(n, 1/2); the interval is
-    ``[x_(k), x_(n-k+1)]`` (1-based order statistics) for the largest k whose tail
-    ``P(B <= k-1) <= (1 - confidence) / 2``. E.g. n=20: k=6, P(B <= 5) = 0.021, so the
-    interval runs from the 6th to the 15th smallest value (Conover, Practical Nonparametric
-    Statistics, 3rd ed., section 3.2).
-    """
-    tail = (1.0 - confidence) / 2.0
-    k, cumulative = 0, 0.0
-    while k < n:
-        cumulative += math.comb(n, k) / 2.0**n  # P(B == k)
-        if cumulative > tail:
-            break
-        k += 1
-    if k == 0:  # too few values for this confidence: the whole range
-        return 0, n - 1
-    return k - 1, n - k
-
-
-def summarize(values: Iterable[float]) -> Stats:
-    """Median, min/max, p10/p25/p75/p90/p99 and mean of ``values`` (at least one)."""
-    ordered = sorted(float(v) for v in values)
-    if not ordered:
-        raise StokerError("cannot summarize an empty sample; run at least one timed round")
-
-    def q(p: float) -> float:
-        return _quantile(ordered, p)
-
-    lo, hi = _median_ci_ranks(len(ordered))
-
-    return Stats(
-        n=len(ordered),
-        median=q(0.5),
-        min=ordered[0],
-        max=ordered[-1],
-        p10=q(0.1),
-        p25=q(0.25),
-        p75=q(0.75),
-        p90=q(0.9),
-        p99=q(0.99),
-        mean=sum(ordered) / len(ordered),
-        median_lo=ordered[lo],
-        median_hi=ordered[hi],
-    )
-
-
-# ---------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateResult:
-    """Samples of one candidate; every tuple has one entry per timed round."""
-
-    name: str
-    seconds: tuple[float, ...]
-    """Seconds per call (sample time / number of calls)."""
-    warmup_seconds: tuple[float, ...]
-    """Seconds per call in the warm-up rounds (the first one includes compilation, if any)."""
-    work: tuple[float, ...] | None
-    """Work per call, or ``None`` if the candidate reports none."""
-    ratios: tuple[float, ...]
-    """``seconds / baseline seconds`` of the same round."""
-    speedups: tuple[float, ...]
-    """``throughput / baseline throughput`` of the same round (``baseline s / s`` without work)."""
-
-    @property
-    def time(self) -> Stats:
-        return summarize(self.seconds)
-
-    @property
-    def median_s(self) -> float:
-        return self.time.median
-
-    @property
-    def throughput(self) -> Stats | None:
-        """Work per second, per round; ``None`` if no work is reported."""
-        if self.work is None:
-            return None
-        return summarize(w / s for w, s in zip(self.work, self.seconds, strict=True))
-
-    @property
-    def ratio(self) -> float:
-        """Median over rounds of time / baseline time (< 1: faster than the baseline)."""
-        return summarize(self.ratios).median
-
-    @property
-    def speedup(self) -> float:
-        """Median over rounds of throughput / baseline throughput (> 1: faster)."""
-        return summarize(self.speedups).median
-
-    def to_dict(self) -> dict[str, Any]:
-        throughput = self.throughput
-        return {
-            "name": self.name,
-            "time_s": asdict(self.time),
-            "throughput_per_s": None if throughput is None else asdict(throughput),
-            "ratio": asdict(summarize(self.ratios)),
-            "speedup": asdict(summarize(self.speedups)),
-            "seconds": list(self.seconds),
-            "warmup_seconds": list(self.warmup_seconds),
-            "work": None if self.work is None else list(self.work),
-            "ratios": list(self.ratios),
-            "speedups": list(self.speedups),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CandidateResult:
-        work = d["work"]
-        return cls(
-            name=d["name"],
-            seconds=tuple(d["seconds"]),
-            warmup_seconds=tuple(d["warmup_seconds"]),
-            work=None if work is None else tuple(work),
-            ratios=tuple(d["ratios"]),
-            speedups=tuple(d["speedups"]),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Comparison:
-    """The result of :meth:`Bench.compare`; index it by candidate name."""
-
-    name: str
-    baseline: str
-    unit: str | None
-    number: int
-    order: tuple[tuple[str, ...], ...]
-    """Candidate order of each timed round, as run."""
-    candidates: tuple[CandidateResult, ...]
-
-    def __getitem__(self, name: str) -> CandidateResult:
-        for c in self.candidates:
-            if c.name == name:
-                return c
-        names = [c.name for c in self.candidates]
-        raise KeyError(f"no candidate {name!r} in comparison {self.name!r}; have {names}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "baseline": self.baseline,
-            "unit": self.unit,
-            "number": self.number,
-            "order": [list(o) for o in self.order],
-            "candidates": [c.to_dict() for c in self.candidates],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
-        return cls(
-            name=d["name"],
-            baseline=d["baseline"],
-            unit=d["unit"],
-            number=d["number"],
-            order=tuple(tuple(o) for o in d["order"]),
-            candidates=tuple(CandidateResult.from_dict(c) for c in d["candidates"]),
-        )
-
-
-# ------------------------------------------------------------------------------ environment
-
-
-def _cpu_info() -> tuple[str, dict[str, bool] | None]:
-    model = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        if sys.platform == "darwin":
-            out = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
-            model = out or model
-        return model, None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and value.strip():
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, {f: f in flags for f in CPU_FLAGS}
-
-
-def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _git(repo: Path) -> dict[str, Any] | None:
-    revision = _run(["git", "rev-parse", "HEAD"], cwd=repo)
-    if revision is None:
-        return None
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
-    return {"revision": revision, "dirty": bool(status)}
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(repo: Path | None = None) -> dict[str, Any]:
-    """What a reader needs to judge or rerun a number: versions, CPU, threads, host, git.
-
-    ``repo`` is where to ask git for the revision (default: the running script's directory).
-    """
-    if repo is None:
-        script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-        repo = script.resolve().parent if script is not None and script.is_file() else Path.cwd()
-    cpu_model, flags = _cpu_info()
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    env: dict[str, Any] = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {p: _version(p) for p in _PACKAGES},
-        "cpu_model": cpu_model,
-        "cpu_flags": flags,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": None if affinity is None else len(affinity),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "thread_env": {
-            k: os.environ[k]
-            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY")
-            if k in os.environ
-        },
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cuda": None,
-        "git": _git(repo),
-    }
-    env["versions"]["torch"] = torch.__version__
-    if torch.cuda.is_available():
-        env["cuda"] = {
-            "version": torch.version.cuda,
-            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        }
-    return env
 
 
 # ------------------------------------------------------------------------------------ bench
