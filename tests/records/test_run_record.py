@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -81,6 +82,30 @@ def test_uncaught_exception_hook_records_failed(tmp_path):
         sys.excepthook(type(exc), exc, exc.__traceback__)  # what the interpreter does
     assert read_record(tmp_path / "run")["status"] == "failed"
     assert run._done
+
+
+def test_a_forked_child_writes_nothing(tmp_path):
+    run = start_run(_config(tmp_path))
+    run.log({"loss": 1.0}, step=1)
+    pid = os.fork()
+    if pid == 0:  # the child, e.g. a DataLoader worker: everything it does must stay here
+        code = 0
+        try:
+            print("printed by the child")
+            run.log({"loss": 2.0}, step=2)
+            run.update(note="from the child")
+            run.finish("failed", "the child's error")
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert read_record(tmp_path / "run")["status"] == "running"
+    assert "printed by the child" not in (tmp_path / "run" / "console.log").read_text()
+    run.finish()
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "finished" and "note" not in record
+    assert [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1.0]
 
 
 def test_non_main_rank_writes_nothing(tmp_path):

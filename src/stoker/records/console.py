@@ -2,11 +2,13 @@
 
 ``sys.stdout`` / ``sys.stderr`` are wrapped so each write goes to the terminal as before and
 to the file (line-buffered, so a killed process loses at most a partial line). Output written
-straight to file descriptors 1/2 by C code or child processes is not copied.
+straight to file descriptors 1/2 by C code or child processes is not copied, nor is what a
+forked child (a DataLoader worker) prints: see :meth:`ConsoleTee.abandon`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -51,6 +53,21 @@ class ConsoleTee:
         self._err = _TeeStream(sys.stderr, self._file, self._lock)
         sys.stdout = self._out
         sys.stderr = self._err
+
+    def abandon(self) -> None:
+        """In a forked child: stop copying, and never write into the parent's file.
+
+        The child's copy of the file object may hold the parent's unflushed partial line; its
+        descriptor is pointed at ``/dev/null`` so that a flush at the child's exit goes nowhere.
+        """
+        if sys.stdout is self._out:
+            sys.stdout = self._saved[0]
+        if sys.stderr is self._err:
+            sys.stderr = self._saved[1]
+        if not self._file.closed:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._file.fileno())
+            os.close(null)
 
     def close(self) -> None:
         """Stop copying (restores the streams if nobody replaced them since). Idempotent."""

@@ -165,6 +165,11 @@ class MetricsLogger:
             os.fsync(self._file.fileno())
             self._file.close()
 
+    def abandon(self) -> None:
+        """In a forked child: this process has no writer thread and must not write the file."""
+        self._closed = True
+        self._queue.clear()
+
     def __enter__(self) -> MetricsLogger:
         return self
 

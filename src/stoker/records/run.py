@@ -14,6 +14,10 @@ The final status is written without the user asking: ``finished`` at a normal ex
 writes nothing; ``stoker runs`` infers ``killed`` when the status still says running but the
 process is gone (same host) or the heartbeat is stale (another host).
 
+Only the process that started the run writes: a forked child (a DataLoader worker) inherits
+the :class:`Run` with its hooks and open files, and from the fork on its copy does nothing
+(its prints are not copied into ``console.log`` either).
+
 Everything slow happens at start (git, package list: ~0.1–1 s) or on the background thread
 (metrics, heartbeat every ``heartbeat_seconds``); the training thread only queues.
 """
@@ -30,6 +34,7 @@ import threading
 import time
 import traceback
 import types
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +116,23 @@ def _command(script: Path | None) -> dict[str, Any]:
     }
 
 
+_LIVE: weakref.WeakSet[Run] = weakref.WeakSet()  # runs to disarm in a forked child
+_fork_hook_registered = False  # os.register_at_fork cannot be undone: register once
+
+
+def _disarm_in_child() -> None:
+    for run in list(_LIVE):
+        run._forked()
+
+
+def _watch_forks(run: Run) -> None:
+    global _fork_hook_registered
+    _LIVE.add(run)
+    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_disarm_in_child)
+        _fork_hook_registered = True
+
+
 class Run:
     """A run being recorded. Create with :func:`start_run`."""
 
@@ -127,8 +149,10 @@ class Run:
         self._previous_hook: Any = None
         self._previous_sigterm: Any = None
         self._done = False
+        self._pid = os.getpid()
         if not self.enabled:
             return
+        _watch_forks(self)
         self._metrics = MetricsLogger(
             run_dir / METRICS, flush_seconds=config.flush_seconds, on_tick=self._tick
         )
@@ -144,7 +168,7 @@ class Run:
 
     def update(self, **fields: Any) -> None:
         """Add or replace top-level fields of ``record.json`` (e.g. ``seeds=...``)."""
-        if not self.enabled:
+        if not self.enabled or os.getpid() != self._pid:
             return
         with self._lock:
             for key, value in fields.items():
@@ -171,7 +195,7 @@ class Run:
 
     def finish(self, status: str = "finished", error: BaseException | str | None = None) -> None:
         """Write the final status (``finished``/``failed``/``killed``) and close the files."""
-        if not self.enabled or self._done:
+        if not self.enabled or self._done or os.getpid() != self._pid:
             return
         if status not in ("finished", "failed", "killed"):
             raise StokerError(f"finish(status={status!r}); use 'finished', 'failed' or 'killed'")
@@ -198,6 +222,14 @@ class Run:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
             with contextlib.suppress(OSError):
                 write_record(self.dir, self.record, durable=True)
+
+    def _forked(self) -> None:
+        """In a forked child: the run belongs to the parent; write nothing from here on."""
+        self._done = True
+        if self._metrics is not None:
+            self._metrics.abandon()
+        if self._tee is not None:
+            self._tee.abandon()
 
     def __enter__(self) -> Run:
         return self
@@ -246,6 +278,7 @@ class Run:
         self.finish("finished")
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # In a forked child finish() does nothing: the child just dies of the signal.
         self.finish("killed", "terminated by SIGTERM")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

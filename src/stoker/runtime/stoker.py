@@ -12,7 +12,6 @@ read the inf flag on the host to decide whether to step; bf16 needs no scaler.)
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import logging
@@ -20,7 +19,6 @@ import os
 import random
 import shutil
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import DistributedContext, init_distributed, shard_loader
+from stoker.runtime.lifecycle import Lifecycle
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
 from stoker.runtime.prepared import (
     PreparedLoader,
@@ -79,23 +78,6 @@ def _autocast_forward(forward: Callable[..., Any], device_type: str, dtype: torc
 
     forward_in_autocast._stoker_autocast = True  # type: ignore[attr-defined]
     return forward_in_autocast
-
-
-def _at_exit(callback: Callable[[], None]) -> None:
-    """Run ``callback`` at interpreter exit, while thread pools still accept work.
-
-    The final checkpoint hashes its files on a thread pool; ``atexit`` handlers run after
-    ``concurrent.futures`` has shut its pools down, the hooks ``threading`` runs at shutdown
-    run before (last registered, first run).
-    """
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is not None:
-            register(callback)
-            return
-    except RuntimeError:  # already shutting down
-        pass
-    atexit.register(callback)
 
 
 def _have_cxx_compiler() -> bool:
@@ -223,7 +205,7 @@ class Stoker:
         self._doctor_config = doctor
         self.doctor: Doctor | None = None
         self._doctor_active = True
-        _at_exit(self.close)
+        self._lifecycle = Lifecycle(self.close)
 
     # -- where this process is -------------------------------------------------------------
     @property
@@ -491,16 +473,22 @@ class Stoker:
             self.services.log(metrics, self.step if step is None else step)
 
     def save_checkpoint(self) -> Path | None:
-        """Checkpoint now (all ranks must call it); returns the checkpoint directory."""
+        """Checkpoint now (all ranks must call it); returns the checkpoint directory.
+
+        Does nothing in a process forked from the training process (a DataLoader worker).
+        """
+        if not self._lifecycle.owns_process():
+            return None
         return self.services.save(self.step)
 
     def close(self) -> None:
         """End the run: final checkpoint (unless it failed) and pending writes finished.
 
         Runs by itself at interpreter exit; call it to end earlier. Ranks leave together:
-        a rank exiting while another still talks to it would abort that one.
+        a rank exiting while another still talks to it would abort that one. Does nothing in
+        a process forked from the training process (a DataLoader worker).
         """
-        if self._closed:
+        if self._closed or not self._lifecycle.owns_process():
             return
         self._closed = True
         self.services.close(self.step)

@@ -1,0 +1,62 @@
+"""How a :class:`~stoker.Stoker`'s run ends: once, and only in the process that created it.
+
+A run is ended by :meth:`Stoker.close`, called by the user or by itself at interpreter exit.
+A DataLoader worker is a fork of the training process: it inherits the Stoker, the exit hook
+and the open run directory, and runs that hook when it exits (at the end of every epoch). Only
+the process that created the run may write its final checkpoint, finish its record or leave
+the process group; in any other process :meth:`Lifecycle.owns_process` is False and ``close``
+does nothing. (The run record guards its own files the same way, see
+:class:`stoker.records.Run`.)
+
+The exit hook holds the Stoker weakly, so a Stoker nobody references any more is collected
+with its model instead of living until exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+__all__ = ["Lifecycle"]
+
+
+def _at_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` at interpreter exit, while thread pools still accept work.
+
+    The final checkpoint hashes its files on a thread pool; ``atexit`` handlers run after
+    ``concurrent.futures`` has shut its pools down, the hooks ``threading`` runs at shutdown
+    run before (last registered, first run).
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)
+
+
+class Lifecycle:
+    """The process a run belongs to, and the hook that closes it at exit.
+
+    ``close`` is the owner's bound ``close`` method; it is held weakly.
+    """
+
+    def __init__(self, close: Callable[[], None]) -> None:
+        self.pid = os.getpid()
+        """The process that created the run (not a forked DataLoader worker)."""
+        self._close = weakref.WeakMethod(close)
+        _at_exit(self._at_exit)
+
+    def owns_process(self) -> bool:
+        """True in the process that created the run; False in a forked child."""
+        return os.getpid() == self.pid
+
+    def _at_exit(self) -> None:
+        close = self._close()
+        if close is not None and self.owns_process():
+            close()
