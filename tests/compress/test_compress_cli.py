@@ -3,25 +3,8 @@
 import json
 
 import pytest
-import torch
 
 import stoker.cli
-from stoker.checkpoint import save
-from stoker.data import load_tokenizer
-from stoker.models import Encoder, EncoderConfig
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run directory as the MLM job leaves it: record.json and a final checkpoint."""
-    torch.manual_seed(0)
-    vocab = load_tokenizer(progress=False).get_vocab_size()
-    cfg = EncoderConfig(vocab_size=vocab, max_len=128, dim=32, layers=1, heads=4, ffn_dim=64)
-    run = tmp_path / "20260101-000000-train_mlm"
-    run.mkdir()
-    (run / "record.json").write_text(json.dumps({"config": {"preset": "tiny"}}))
-    save(run / "checkpoints" / "step-00000010", {"model": Encoder(cfg)})
-    return run
 
 
 def test_compress_writes_the_model_and_the_table(run_dir, capsys):

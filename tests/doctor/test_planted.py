@@ -17,9 +17,20 @@ import pytest
 import torch
 
 from stoker.doctor import DoctorConfig, diagnose_script
+from stoker.runtime import bf16_is_fast
 
 PLANTED = Path(__file__).parent / "planted"
 CASES = sorted(p.stem for p in PLANTED.glob("*.py"))
+# The matmul-precision case plants whichever precision this machine is slow at.
+PRECISION_CODES = {True: "fp32-matmul", False: "bf16-matmul"}
+
+
+def _code(case: str) -> str:
+    if case == "matmul_precision":
+        return PRECISION_CODES[bf16_is_fast("cpu")]
+    return case.replace("_", "-")
+
+
 CONFIG = DoctorConfig(warmup_steps=2, window_steps=3, attribution_steps=2, stop_after_window=True)
 
 
@@ -31,7 +42,7 @@ def _planted_line(path: Path) -> int:
 
 
 def _threads_scale() -> float:
-    """Speed-up of the planted script's kind of step (a bf16 MLP forward+backward) from one
+    """Speed-up of the planted script's kind of step (an MLP forward+backward) from one
     thread to all cores, right now (best of 5). A bare AMX matrix product does not scale on
     every machine while the step's elementwise ops do, so this times the step itself."""
     import time
@@ -41,8 +52,10 @@ def _threads_scale() -> float:
     )
     x = torch.randn(512, 512)
 
+    bf16 = bf16_is_fast("cpu")
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x).float().square().mean().backward()
 
     saved, best = torch.get_num_threads(), {}
@@ -67,8 +80,11 @@ def threads(request: pytest.FixtureRequest):
     saved, cores = torch.get_num_threads(), os.sched_getaffinity(0)
     if request.param == "cpu_threads":
         scale = _threads_scale()
-        if scale < 1.15:  # another process holds a core: more threads would measure slower
-            pytest.skip(f"all cores give {scale:.1f}x one thread's speed now: no free cores")
+        if scale < 1.15:  # another process holds a core: the case cannot be decided now
+            pytest.fail(
+                f"all cores give {scale:.2f}x one thread's speed now: no free core to measure "
+                "the cpu-threads case on; run the suite on an otherwise idle machine"
+            )
     else:  # one thread pinned to one core: nothing to say about threads, and sane timings
         os.sched_setaffinity(0, {min(cores)})
         torch.set_num_threads(1)
@@ -82,13 +98,14 @@ def test_every_code_with_a_cpu_cause_is_planted() -> None:
 
     # no-pin-memory needs CUDA; padding-waste and rank-imbalance read the data accounting.
     untestable_here = {"no-pin-memory", "padding-waste", "rank-imbalance"}
-    assert {c.replace("_", "-") for c in CASES} == set(RULES) - untestable_here
+    planted = {_code(c) for c in CASES if c != "matmul_precision"} | set(PRECISION_CODES.values())
+    assert planted == set(RULES) - untestable_here
 
 
 @pytest.mark.parametrize("threads", CASES, indirect=True)
 def test_planted_problem_is_named_at_its_line(threads: str) -> None:
     path = PLANTED / f"{threads}.py"
-    code = threads.replace("_", "-")
+    code = _code(threads)
     report = diagnose_script(path, [], CONFIG)
     where = {f.location for f in report.findings if f.code == code}
     expected = f"{path.name}:{_planted_line(path)}"

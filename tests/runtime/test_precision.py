@@ -1,27 +1,28 @@
-from pathlib import Path
-
 import pytest
 import torch
 
 from stoker import Stoker, StokerError
-from stoker.runtime.precision import has_fast_bf16, resolve_precision
+from stoker.runtime.precision import resolve_precision
 
 CPU = torch.device("cpu")
 
 
-def test_auto_follows_the_hardware():
-    expected = "bf16" if has_fast_bf16(CPU) else "fp32"
+@pytest.mark.parametrize(("speedup", "expected"), [(6.0, "bf16"), (0.02, "fp32"), (1.1, "fp32")])
+def test_auto_follows_the_probe(monkeypatch, speedup, expected):
+    monkeypatch.setenv("STOKER_BF16_SPEEDUP", str(speedup))
     assert resolve_precision("auto", CPU) == expected
+    assert Stoker(device="cpu", record=False, doctor=False).precision == expected
 
 
-def test_this_machine_has_fast_bf16():
-    # The development and CI machines are AMX Xeons; if this fails, `auto` silently fell back
-    # to fp32 and every bf16 number in the README is stale.
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    if "amx_bf16" not in flags and "avx512_bf16" not in flags:
-        pytest.skip("not an AMX / AVX512-BF16 CPU")
-    assert has_fast_bf16(CPU)
+def test_explicit_precision_is_kept_whatever_the_probe_says(monkeypatch):
+    monkeypatch.setenv("STOKER_BF16_SPEEDUP", "0.02")
+    assert resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_a_bad_override_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("STOKER_BF16_SPEEDUP", "fast")
+    with pytest.raises(StokerError, match="STOKER_BF16_SPEEDUP='fast' is not a positive number"):
+        resolve_precision("auto", CPU)
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16"])

@@ -12,12 +12,17 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 from stoker.compress import (
     PRUNE_METHODS,
     QUANT_METHODS,
+    Evaluation,
     PruneConfig,
     QuantConfig,
+    TrainedModel,
+    choose_quantization,
     compress,
     evaluate,
     evaluation_table,
@@ -46,7 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head-sparsity", type=float, default=0.0, help="structured: fraction of heads removed"
     )
-    parser.add_argument("--quantize", choices=QUANT_METHODS, default="int8-static")
+    parser.add_argument(
+        "--quantize",
+        choices=(*QUANT_METHODS, "auto"),
+        default="int8-static",
+        help="auto: measure every form on this machine, keep the fastest within --accuracy-budget",
+    )
+    parser.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=1.0,
+        help="auto: accuracy points a form may lose against the unquantized model",
+    )
     parser.add_argument("--finetune-steps", type=int, default=0, help="MLM steps after pruning")
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--calibration-batches", type=int, default=8, help="int8-static")
@@ -76,7 +92,10 @@ def main(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr,
     )
-    quant = QuantConfig(method=args.quantize, calibration_batches=args.calibration_batches)
+    auto = args.quantize == "auto"
+    quant = QuantConfig(
+        method="none" if auto else args.quantize, calibration_batches=args.calibration_batches
+    )
     if args.eval_batches < 1:
         raise StokerError(f"--eval-batches {args.eval_batches}: needs at least 1.")
     trained = load_trained(_resolve(args.source, args.root))
@@ -99,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
     val = loader(load_token_documents("validation", tokenizer=tokenizer), shuffle=False, seed=1234)
     val_batches = [b for _, b in zip(range(args.eval_batches), val, strict=False)]
 
+    if auto:
+        return _auto(args, trained, prune, train, val_batches, console)
     progress = Progress(
         TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), console=console
     )
@@ -115,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         )
     result.info["source"] = str(trained.checkpoint)
     base_dir = trained.run_dir or trained.checkpoint
-    label = f"{prune.label}-{quant.method}".replace(":", "").replace("%", "").replace("+", "-")
+    label = _label(prune, quant.method)
     out = args.out or base_dir / "compressed" / f"{label}.safetensors"
     path = result.save(out)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
@@ -134,6 +155,11 @@ def main(args: argparse.Namespace) -> int:
         with console.status(f"measuring {label} (compiling on first calls)"):
             served = load_compressed(path, compile=compile_)
             rows.append(evaluate(served, val_batches, repeats=args.repeats))
+    _table_and_json(rows, path, console)
+    return 0
+
+
+def _table_and_json(rows: list[Evaluation], path: Path, console: Console) -> None:
     # piped output gets the table at full width rather than squeezed into 80 columns
     Console(width=None if sys.stdout.isatty() else 160).print(
         evaluation_table(rows, title="stoker compress")
@@ -141,4 +167,41 @@ def main(args: argparse.Namespace) -> int:
     report = path.with_suffix(".json")
     report.write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
     console.print(f"wrote {report}")
+
+
+def _auto(
+    args: argparse.Namespace,
+    trained: TrainedModel,
+    prune: PruneConfig,
+    train: DataLoader,
+    val_batches: list[dict[str, Tensor]],
+    console: Console,
+) -> int:
+    """--quantize auto: every form measured here; the fastest within the budget is saved."""
+    with tempfile.TemporaryDirectory() as tmp, console.status("") as status:
+        choice = choose_quantization(
+            trained.model,
+            prune,
+            train_loader=train,
+            val_batches=val_batches,
+            workdir=Path(tmp),
+            accuracy_budget=args.accuracy_budget / 100,
+            repeats=args.repeats,
+            compile=not args.no_compile,
+            on_candidate=lambda m: status.update(
+                f"auto: compressing and measuring {m} (compiling on first calls)"
+            ),
+        )
+    choice.compressed.info["source"] = str(trained.checkpoint)
+    choice.compressed.info["auto_reason"] = choice.reason
+    base_dir = trained.run_dir or trained.checkpoint
+    label = _label(prune, choice.method)
+    path = choice.compressed.save(args.out or base_dir / "compressed" / f"{label}.safetensors")
+    _table_and_json(choice.rows, path, console)
+    console.print(f"auto chose {choice.reason}", soft_wrap=True, highlight=False)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
+
+
+def _label(prune: PruneConfig, method: str) -> str:
+    return f"{prune.label}-{method}".replace(":", "").replace("%", "").replace("+", "-")

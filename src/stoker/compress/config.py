@@ -70,7 +70,8 @@ class QuantConfig:
             ``calibration_batches`` training batches (PT2E with the x86 inductor quantizer,
             which lowers to oneDNN int8 kernels; AMX where the CPU has it).
         ``int8-weight``: int8 weights only, computed in floating point (torchao).
-        ``bf16``: every floating-point weight in bfloat16: the baseline int8 has to beat.
+        ``bf16``: every floating-point weight in bfloat16: the baseline int8 has to beat
+            (computed in bf16 where that is fast, else in fp32 from the bf16 values).
     """
 
     method: str = "none"
@@ -93,6 +94,7 @@ class QuantConfig:
 
     @property
     def computes_in_bf16(self) -> bool:
-        """Runs under bf16 autocast: the weights that are not int8 are stored in bf16 too,
-        since every product they enter is computed in bf16 anyway."""
+        """Runs under bf16 autocast where bf16 is fast: the weights that are not int8 are
+        stored in bf16 too, since there every product they enter is computed in bf16 anyway
+        (a machine without fast bf16 computes them in fp32, from the same bf16 values)."""
         return self.method in ("bf16", "int8-static", "int8-weight")

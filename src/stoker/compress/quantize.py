@@ -9,10 +9,13 @@ The int8 paths are the ones that run fast on x86 CPUs: PT2E (``torch.export`` th
 ``prepare_pt2e`` / ``convert_pt2e``) with the x86 inductor quantizer, compiled with inductor's
 freezing so that the linears lower to oneDNN int8 kernels (AMX on CPUs that have it). Only the
 blocks' ``nn.Linear`` layers are annotated: the tied embedding / output projection stays in
-floating point. Calls run under bf16 autocast ("int8-mixed-bf16"), so what is not int8 runs in
-bf16 rather than fp32. Dynamic and weight-only int8 use torchao's
-``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` (PT2E's dynamic x86
-recipe gave wrong logits on this encoder with torch 2.13 / torchao 0.18: 5% accuracy).
+floating point. What is not int8 runs in the float precision this machine is fast at, decided when
+the model is built (:func:`stoker.runtime.bf16_is_fast`): bf16 autocast ("int8-mixed-bf16") where
+bf16 products are fast (AMX, AVX512-BF16), fp32 where bf16 is emulated (AVX2-only CPUs, 40-70x
+slower). The ``bf16`` form likewise computes in fp32 there, from its bf16-rounded weights.
+Dynamic and weight-only int8 use torchao's ``Int8DynamicActivationInt8WeightConfig`` /
+``Int8WeightOnlyConfig`` (PT2E's dynamic x86 recipe gave wrong logits on this encoder with
+torch 2.13 / torchao 0.18: 5% accuracy).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from stoker.compress.config import QuantConfig
 from stoker.compress.prune import prunable_linears
 from stoker.errors import StokerError
 from stoker.models import Encoder
+from stoker.runtime.hardware import bf16_is_fast
 
 __all__ = ["OBSERVER_PREFIX", "Runnable", "build_runnable", "serving_inputs", "snap_to_int8_"]
 
@@ -187,10 +191,11 @@ def build_runnable(
     """A callable taking :func:`serving_inputs` and returning fp32 logits, plus the calibrated
     observers (int8-static) to save. ``model`` (fp32, eval) is consumed."""
     model = model.eval()
+    bf16_fast = bf16_is_fast("cpu")
     autocast = False
     module: nn.Module = model
     saved: dict[str, Tensor] = {}
-    if quant.method == "bf16":
+    if quant.method == "bf16" and bf16_fast:
         module = model.to(torch.bfloat16)
     elif quant.method in ("int8-weight", "int8-dynamic"):
         with _quiet_torchao():
@@ -207,10 +212,10 @@ def build_runnable(
             else Int8DynamicActivationInt8WeightConfig()
         )
         quantize_(model, recipe, filter_fn=lambda m, _: m in linears)
-        autocast = quant.method == "int8-weight"
+        autocast = quant.method == "int8-weight" and bf16_fast
     elif quant.method == "int8-static":
         module, saved = _pt2e(model, calibration=calibration, observers=observers)
-        autocast = True
+        autocast = bf16_fast
     if compile:
         # inductor's int8 lowering warns about its own tensor copies on every compile; the
         # warning is about torch's code, not the caller's, so it is filtered (narrowly).

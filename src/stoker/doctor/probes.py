@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from stoker.doctor.session import ForwardInfo, Measurements
+from stoker.runtime.hardware import bf16_is_fast
 
 __all__ = ["Probe", "run_probes", "time_interleaved"]
 
@@ -162,12 +163,6 @@ def _probe(
         return time_interleaved(fns)
 
 
-def _bf16_supported(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device == "cpu"
-
-
 def _fused_probe(info: Any) -> Probe | None:
     """Time the optimizer's step as configured and with ``fused=True``, on copies of its params."""
     opt = info.optimizer
@@ -215,7 +210,9 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
     if fwd is not None and next(fwd.module.parameters(), None) is not None:
         device = m.device
         fp32_ms = prof.matmul_ms_by_dtype.get("float32", 0.0)
-        if fp32_ms > 0.05 * m.step_ms and _bf16_supported(device):
+        # Only where bf16 products are measured fast: elsewhere bf16 is emulated and one probe
+        # step could cost 40x a training step.
+        if fp32_ms > 0.05 * m.step_ms and bf16_is_fast(device):
 
             def bf16(fwd: ForwardInfo = fwd) -> Probe:
                 t32, t16 = _probe(fwd, {"bf16": {"autocast": torch.bfloat16}}, {})

@@ -14,6 +14,7 @@ from rich.table import Table
 from stoker.doctor.probes import Probe
 from stoker.doctor.rules import Finding
 from stoker.doctor.session import Measurements
+from stoker.runtime.hardware import matmul_speed
 
 __all__ = ["Report"]
 
@@ -65,6 +66,7 @@ class Report:
             "optimizer_step_at": str(m.loop_site) if m.loop_site is not None else None,
             "intra_op_threads": m.threads["intra_op"],
             "cores": m.threads["cores"],
+            "hardware_favours": matmul_speed(m.device).describe(),
         }
         accounting = m.extras.get("accounting")
         if accounting:
@@ -116,6 +118,8 @@ class Report:
         if s["unprofiled_step_ms"] is not None:
             head += f" ({s['unprofiled_step_ms']:.1f} ms unprofiled)"
         console.print(head)
+        if s.get("hardware_favours"):
+            console.print(f"this hardware favours {s['hardware_favours']}", highlight=False)
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         table.add_column("where the step goes")
         table.add_column("ms", justify="right")

@@ -1,18 +1,21 @@
 """The runtime: device, precision, distributed wrapping and the training step."""
 
 from stoker.runtime.device import resolve_device
-from stoker.runtime.precision import PRECISIONS, PrecisionPolicy, has_fast_bf16, resolve_precision
+from stoker.runtime.hardware import MatmulSpeed, bf16_is_fast, matmul_speed
+from stoker.runtime.precision import PRECISIONS, PrecisionPolicy, resolve_precision
 from stoker.runtime.prepared import PreparedLoader, PreparedOptimizer, PreparedScheduler
 from stoker.runtime.stoker import Stoker
 
 __all__ = [
     "PRECISIONS",
+    "MatmulSpeed",
     "PrecisionPolicy",
     "PreparedLoader",
     "PreparedOptimizer",
     "PreparedScheduler",
     "Stoker",
-    "has_fast_bf16",
+    "bf16_is_fast",
+    "matmul_speed",
     "resolve_device",
     "resolve_precision",
 ]

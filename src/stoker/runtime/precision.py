@@ -1,9 +1,8 @@
 """The precision policy: which dtype matrix products run in, and whether a grad scaler is needed.
 
-``auto`` chooses bf16 autocast only where the hardware multiplies bf16 matrices natively and fast:
-CUDA GPUs that report bf16 support, and x86 CPUs with AMX or AVX512-BF16. On this project's
-development machine (Xeon with AMX) a 2048x2048 bf16 matmul ran at ~1000 GFLOP/s against ~120
-for fp32. Elsewhere ``auto`` stays in fp32: emulated bf16 on a CPU without those units is slower.
+``auto`` chooses bf16 autocast only where bf16 matrix products are *measured* faster than fp32 on
+this device (:func:`stoker.runtime.hardware.bf16_is_fast`): ~6x on an AMX Xeon, but 40-70x slower
+on an AVX2-only CPU that emulates bf16. Elsewhere ``auto`` stays in fp32.
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ from typing import Literal
 import torch
 
 from stoker.errors import StokerError
+from stoker.runtime.hardware import bf16_is_fast
 
-__all__ = ["PRECISIONS", "Precision", "PrecisionPolicy", "has_fast_bf16", "resolve_precision"]
+__all__ = ["PRECISIONS", "Precision", "PrecisionPolicy", "resolve_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
@@ -25,24 +25,12 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def has_fast_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix products run on dedicated hardware on ``device``."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        cpu = torch.cpu
-        amx = getattr(cpu, "_is_amx_tile_supported", None)
-        avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", None)
-        return bool((amx is not None and amx()) or (avx512_bf16 is not None and avx512_bf16()))
-    return False
-
-
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """Validate ``name`` and resolve ``auto`` for ``device``."""
     if name not in PRECISIONS:
         raise StokerError(f"precision={name!r} is not known; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        return "bf16" if has_fast_bf16(device) else "fp32"
+        return "bf16" if bf16_is_fast(device) else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise StokerError(
             "precision='fp16' needs a GPU (fp16 autocast with a grad scaler is a CUDA recipe); "

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from stoker.runtime import bf16_is_fast
+
 CLEAN = "--clean" in sys.argv
+BF16 = bf16_is_fast("cpu")  # compute in the precision this machine is fast at
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(4096, 256), torch.randn(4096, 256))
 val_x, val_y = torch.randn(2048, 256), torch.randn(2048, 256)
@@ -17,14 +20,14 @@ model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 256))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 for _epoch in range(10):
     for x, y in loader:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             loss = F.mse_loss(model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         model.eval()
         grad_mode = torch.no_grad() if CLEAN else contextlib.nullcontext()
-        with grad_mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        with grad_mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             val = model(val_x)  # PLANTED
         val_loss = F.mse_loss(val.float(), val_y)
         model.train()

@@ -1,10 +1,11 @@
-"""Rules about the compute itself: fp32 matrix products, many small ops, small batches, CPU
-threads, torch.compile recompilations."""
+"""Rules about the compute itself: matrix products in the precision this hardware is slow at,
+many small ops, small batches, CPU threads, torch.compile recompilations."""
 
 from __future__ import annotations
 
 from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
 from stoker.doctor.session import Measurements
+from stoker.runtime.hardware import matmul_speed
 
 __all__: list[str] = []  # rules register themselves in RULES
 
@@ -47,6 +48,49 @@ def fp32_matmul(m: Measurements, probes: Probes) -> list[Finding]:
                 "forward_backward_ms": _ms(fb_ms),
                 "probe_fp32_ms": _ms(1e3 * probe.baseline_s),
                 "probe_bf16_ms": _ms(1e3 * probe.variant_s),
+            },
+        )
+    ]
+
+
+@_rule("bf16-matmul")
+def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
+    """Matrix products run in bf16 on hardware that emulates it (an AVX2-only CPU, say)."""
+    if m.device not in ("cpu", "cuda"):
+        return []
+    bf16_ms = m.profile.matmul_ms_by_dtype.get("bfloat16", 0.0)
+    speed = matmul_speed(m.device)
+    if speed.favours_bf16 or bf16_ms < 0.05 * m.step_ms:
+        return []
+    # Not re-timed on the model: the hardware probe already says what fp32 buys, and the bf16
+    # products would cost a probe step as slow as the training step. The saving is the bf16
+    # product time less what it costs at fp32's rate.
+    saving = bf16_ms * (1 - speed.bf16_speedup) if speed.bf16_speedup < 1 else 0.0
+    share = saving / m.step_ms
+    if share < 0.05:
+        return []
+    fwd = m.train_forward
+    return [
+        Finding(
+            code="bf16-matmul",
+            severity=_severity(share),
+            share=share,
+            title=(
+                f"matrix products run in bf16 ({bf16_ms:.1f} ms per step, "
+                f"{100 * bf16_ms / m.step_ms:.0f}% of the step), but this {m.device} runs bf16 "
+                f"products {1 / max(speed.bf16_speedup, 1e-9):.0f}x slower than fp32 "
+                f"({speed.bf16_gflops:.1f} vs {speed.fp32_gflops:.0f} GFLOP/s measured)"
+            ),
+            fix=(
+                "compute in fp32 here: drop the bf16 `torch.autocast` (or use "
+                "`Stoker(precision='auto')`, which measures this); keep bf16 for machines "
+                "with AMX, AVX512-BF16 or a GPU"
+            ),
+            location=_loc(fwd.site) if fwd is not None else None,
+            evidence={
+                "bf16_matmul_ms": _ms(bf16_ms),
+                "bf16_speedup": round(speed.bf16_speedup, 4),
+                "probe_source": speed.source,
             },
         )
     ]
