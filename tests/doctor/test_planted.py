@@ -116,3 +116,27 @@ def test_planted_problem_is_named_at_its_line(threads: str) -> None:
 def test_clean_twin_has_no_findings(threads: str) -> None:
     report = diagnose_script(PLANTED / f"{threads}.py", ["--clean"], CONFIG)
     assert report.findings == [], report.render_text()
+
+
+@pytest.mark.parametrize("threads", ["matmul_precision"], indirect=True)
+@pytest.mark.parametrize("injected", ["0.02", "6"])
+def test_precision_rules_follow_an_injected_probe_answer(threads, injected, monkeypatch):
+    """The hardware probe's answer decides which precision is planted and which rule may fire;
+    a "bf16 is fast" answer the model contradicts is overruled by timing the model itself."""
+    real_fast = bf16_is_fast("cpu")
+    monkeypatch.setenv("STOKER_BF16_SPEEDUP", injected)
+    path = PLANTED / "matmul_precision.py"
+    planted = diagnose_script(path, [], CONFIG)
+    clean = diagnose_script(path, ["--clean"], CONFIG)
+    codes = {f.code for f in planted.findings}
+    if injected == "0.02":  # bf16 is planted; computing in fp32 is the fix
+        assert "bf16-matmul" in codes, planted.render_text()
+    elif real_fast:  # fp32 is planted, and bf16 really is faster here
+        assert "fp32-matmul" in codes, planted.render_text()
+    else:  # told bf16 is fast, but the model measured slower under bf16: no advice to switch
+        assert "fp32-matmul" not in codes, planted.render_text()
+    assert "fp32-matmul" not in codes or "bf16-matmul" not in codes
+    assert not {"fp32-matmul", "bf16-matmul"} & {f.code for f in clean.findings}, (
+        clean.render_text()
+    )
+    assert "this hardware favours" in planted.render_text()
