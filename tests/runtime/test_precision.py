@@ -14,9 +14,13 @@ def test_auto_follows_the_probe(monkeypatch, speedup, expected):
     assert Stoker(device="cpu", record=False, doctor=False).precision == expected
 
 
-def test_explicit_precision_is_kept_whatever_the_probe_says(monkeypatch):
-    monkeypatch.setenv("STOKER_BF16_SPEEDUP", "0.02")
-    assert resolve_precision("bf16", CPU) == "bf16"
+@pytest.mark.parametrize("speedup", ["0.02", "6"])
+def test_explicit_bf16_is_kept_and_warned_about_where_slow(monkeypatch, caplog, speedup):
+    monkeypatch.setenv("STOKER_BF16_SPEEDUP", speedup)
+    with caplog.at_level("WARNING", logger="stoker.runtime.precision"):
+        assert resolve_precision("bf16", CPU) == "bf16"
+    warned = "expect a slower step than fp32" in caplog.text
+    assert warned == (speedup == "0.02")
 
 
 def test_a_bad_override_is_one_clear_error(monkeypatch):

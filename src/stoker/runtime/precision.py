@@ -8,6 +8,7 @@ on an AVX2-only CPU that emulates bf16. Elsewhere ``auto`` stays in fp32.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -15,12 +16,14 @@ from typing import Literal
 import torch
 
 from stoker.errors import StokerError
-from stoker.runtime.hardware import bf16_is_fast
+from stoker.runtime.hardware import bf16_is_fast, matmul_speed
 
 __all__ = ["PRECISIONS", "Precision", "PrecisionPolicy", "resolve_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+
+log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,6 +38,12 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         raise StokerError(
             "precision='fp16' needs a GPU (fp16 autocast with a grad scaler is a CUDA recipe); "
             "on CPU use precision='bf16' or 'auto'"
+        )
+    if name == "bf16" and device.type == "cpu" and not (speed := matmul_speed(device)).favours_bf16:
+        log.warning(
+            "precision='bf16' on a CPU that runs bf16 matrix products at %.2gx fp32's rate: "
+            "expect a slower step than fp32; precision='auto' measures this and picks fp32 here",
+            speed.bf16_speedup,
         )
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise StokerError(
