@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from stoker import errors
+from stoker.errors import StokerError, install_excepthook, report_failure
 from stoker.records import RecordConfig, read_metrics, read_record, start_run
 from stoker.records import run as run_module
 from stoker.records.listing import effective_status
@@ -67,11 +69,22 @@ def test_console_output_is_copied(tmp_path, capsys):
 
 
 def test_hooks_are_removed_after_finish(tmp_path):
-    hook = sys.excepthook
     run = start_run(_config(tmp_path))
-    assert sys.excepthook is not hook
     run.finish()
-    assert sys.excepthook is hook
+    report_failure(RuntimeError("a later error of the same process"))
+    assert read_record(tmp_path / "run")["status"] == "finished"
+    assert run.end not in [ref() for ref in errors._listeners]
+
+
+def test_an_error_the_one_line_hook_prints_is_still_recorded(tmp_path):
+    # The one-line hook may be installed before or after the run's: either way it is heard.
+    run = start_run(_config(tmp_path))
+    install_excepthook()
+    exc = StokerError("batch_size=0; use 1 or more")
+    sys.excepthook(type(exc), exc, None)
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "failed" and record["error"]["type"] == "StokerError"
+    assert run._done
 
 
 def test_uncaught_exception_hook_records_failed(tmp_path):

@@ -9,10 +9,10 @@ Only the main rank writes (``rank=0``); other ranks get a disabled run whose ``l
 nothing but whose ``dir`` is the shared one (for checkpoints).
 
 The final status is written without the user asking: ``finished`` at a normal exit (atexit),
-``failed`` with the exception when one escapes (``sys.excepthook``) or the ``with`` block,
-``killed`` on SIGTERM (torchrun's way of stopping workers) or Ctrl-C. A SIGKILLed process
-writes nothing; ``stoker runs`` infers ``killed`` when the status still says running but the
-process is gone (same host) or the heartbeat is stale (another host).
+``failed`` with the exception when one escapes (:func:`stoker.errors.on_failure`) or the
+``with`` block, ``killed`` on SIGTERM (torchrun's way of stopping workers) or Ctrl-C. A
+SIGKILLed process writes nothing; ``stoker runs`` infers ``killed`` when the status still says
+running but the process is gone (same host) or the heartbeat is stale (another host).
 
 Only the process that started the run writes: a forked child (a DataLoader worker) inherits
 the :class:`Run` with its hooks and open files, and from the fork on its copy does nothing
@@ -33,14 +33,13 @@ import sys
 import threading
 import time
 import traceback
-import types
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stoker.errors import StokerError
+from stoker.errors import StokerError, on_failure
 from stoker.records import environment
 from stoker.records import git as _git
 from stoker.records.console import ConsoleTee
@@ -95,6 +94,14 @@ class RecordConfig:
             raise StokerError(f"max_untracked_bytes={self.max_untracked_bytes} is negative")
 
 
+def _message(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "interrupted: KeyboardInterrupt (Ctrl-C or SIGINT)"
+    if isinstance(error, SystemExit):
+        return f"sys.exit({error.code!r})"
+    return str(error) or type(error).__name__
+
+
 def _script() -> Path | None:
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else None)
@@ -146,7 +153,7 @@ class Run:
         self._last_beat = time.monotonic()
         self._metrics: MetricsLogger | None = None
         self._tee: ConsoleTee | None = None
-        self._previous_hook: Any = None
+        self._forget_failure_listener: Callable[[], None] | None = None
         self._previous_sigterm: Any = None
         self._done = False
         self._pid = os.getpid()
@@ -215,7 +222,7 @@ class Run:
                 tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
                 self.record["error"] = {
                     "type": type(error).__name__,
-                    "message": str(error),
+                    "message": _message(error),
                     "traceback": tb[-20000:],
                 }
             elif error is not None:
@@ -234,29 +241,24 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
+    def end(self, error: BaseException | None = None) -> None:
+        """Finish with the status ``error`` means: none (or ``SystemExit(0)``) ``finished``,
+        ``KeyboardInterrupt`` (Ctrl-C, SIGINT) ``killed``, anything else ``failed``."""
+        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+            self.finish("finished")
+        elif isinstance(error, KeyboardInterrupt):
+            self.finish("killed", error)
+        else:
+            self.finish("failed", error)
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
-            self.finish("finished")
-        elif isinstance(exc, KeyboardInterrupt):
-            self.finish("killed", exc)
-        else:
-            self.finish("failed", exc)
+        self.end(exc)
 
     # -- hooks ---------------------------------------------------------------------------
     def _install_hooks(self) -> None:
-        previous = sys.excepthook
-
-        def hook(
-            exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
-        ) -> None:
-            self.finish("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed", exc)
-            previous(exc_type, exc, tb)
-
-        self._previous_hook = previous
-        self._hook = hook
-        sys.excepthook = hook
+        self._forget_failure_listener = on_failure(self.end)
         atexit.register(self._at_exit)
         if threading.current_thread() is threading.main_thread():
             current = signal.getsignal(signal.SIGTERM)
@@ -265,8 +267,8 @@ class Run:
                 signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _uninstall_hooks(self) -> None:
-        if sys.excepthook is getattr(self, "_hook", None):
-            sys.excepthook = self._previous_hook
+        if self._forget_failure_listener is not None:
+            self._forget_failure_listener()
         atexit.unregister(self._at_exit)
         if (
             self._previous_sigterm is not None

@@ -2,7 +2,9 @@
 
 Running the script through this module keeps one promise of stoker's: a
 :class:`~stoker.StokerError` raised anywhere in the script ends the worker with one line on
-stderr and exit code 2, not a traceback.
+stderr and exit code 2, not a traceback. Catching it here keeps it from stoker's excepthook, so
+the failure is reported (:func:`~stoker.errors.report_failure`) for the run to record it; so is
+a ``sys.exit`` with a non-zero code.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from stoker.errors import StokerError
+from stoker.errors import StokerError, report_failure
 
 
 def main(argv: list[str]) -> int:
@@ -27,12 +29,14 @@ def main(argv: list[str]) -> int:
     try:
         runpy.run_path(script, run_name="__main__")
     except StokerError as exc:
+        report_failure(exc)
         print(f"stoker: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         code = exc.code
-        if code is None:
+        if code is None or code == 0:
             return 0
+        report_failure(exc)
         if isinstance(code, int):
             return code
         print(code, file=sys.stderr)

@@ -1,12 +1,21 @@
-"""How a :class:`~stoker.Stoker`'s run ends: once, and only in the process that created it.
+"""How a :class:`~stoker.Stoker`'s run ends: once, in the process that created it, and saying
+whether it failed.
 
 A run is ended by :meth:`Stoker.close`, called by the user or by itself at interpreter exit.
-A DataLoader worker is a fork of the training process: it inherits the Stoker, the exit hook
-and the open run directory, and runs that hook when it exits (at the end of every epoch). Only
-the process that created the run may write its final checkpoint, finish its record or leave
-the process group; in any other process :meth:`Lifecycle.owns_process` is False and ``close``
-does nothing. (The run record guards its own files the same way, see
-:class:`stoker.records.Run`.)
+Two facts decide what it does, and both are kept here rather than guessed from interpreter
+state:
+
+- *The process.* A DataLoader worker is a fork of the training process: it inherits the
+  Stoker, the exit hook and the open run directory, and runs that hook when it exits (at the
+  end of every epoch). Only the process that created the run may write its final checkpoint,
+  finish its record or leave the process group; in any other process
+  :meth:`Lifecycle.owns_process` is False and ``close`` does nothing. (The run record guards
+  its own files the same way, see :class:`stoker.records.Run`.)
+- *The failure.* An exception that ends the program reaches :attr:`Lifecycle.failure` through
+  :func:`stoker.errors.on_failure` (stoker's excepthook, or ``stoker run``'s entry point);
+  ``close(failed=exc)`` says the same explicitly. A failed run gets no final checkpoint and no
+  doctor report, and its record says ``failed`` (``killed`` for Ctrl-C) with the error.
+  ``sys.last_value`` is not consulted: a REPL keeps it for good, long after the error.
 
 The exit hook holds the Stoker weakly, so a Stoker nobody references any more is collected
 with its model instead of living until exit.
@@ -19,6 +28,8 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
+
+from stoker.errors import on_failure
 
 __all__ = ["Lifecycle"]
 
@@ -49,12 +60,19 @@ class Lifecycle:
     def __init__(self, close: Callable[[], None]) -> None:
         self.pid = os.getpid()
         """The process that created the run (not a forked DataLoader worker)."""
+        self.failure: BaseException | None = None
+        """The exception that is ending the program, once one is."""
         self._close = weakref.WeakMethod(close)
+        on_failure(self._on_failure)
         _at_exit(self._at_exit)
 
     def owns_process(self) -> bool:
         """True in the process that created the run; False in a forked child."""
         return os.getpid() == self.pid
+
+    def _on_failure(self, exc: BaseException) -> None:
+        if self.failure is None and self.owns_process():
+            self.failure = exc
 
     def _at_exit(self) -> None:
         close = self._close()

@@ -13,7 +13,6 @@ through the data pipeline before the random generators are put back to their sav
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,19 +146,18 @@ class RunServices:
         return self.checkpointer.save(step, self.state)
 
     # -- the end ----------------------------------------------------------------------------
-    def close(self, step: int) -> None:
-        """Final checkpoint at ``step`` (unless the run failed); background writes finished."""
+    def close(self, step: int, *, failed: bool) -> None:
+        """Final checkpoint at ``step`` (none for a failed run: its state may be broken);
+        background writes finished."""
         if self._closed:
             return
         self._closed = True
-        # Set by the interpreter when an exception went uncaught: don't checkpoint a broken state.
-        failed = hasattr(sys, "last_value")
         if self.checkpointer is not None:
             if not failed and self.state is not None:
                 self.checkpointer.save(step, self.state)
             self.checkpointer.close()
 
-    def finish(self) -> None:
-        """Close the record as finished (a failed run's record is closed by its own hooks)."""
-        if self.run is not None and not hasattr(sys, "last_value"):
-            self.run.finish("finished")
+    def finish(self, error: BaseException | None) -> None:
+        """Close the record: ``finished``, or ``failed`` / ``killed`` with ``error``."""
+        if self.run is not None:
+            self.run.end(error)

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -481,23 +480,32 @@ class Stoker:
             return None
         return self.services.save(self.step)
 
-    def close(self) -> None:
-        """End the run: final checkpoint (unless it failed) and pending writes finished.
+    def close(self, failed: BaseException | None = None) -> None:
+        """End the run: final checkpoint and doctor report (unless it failed), pending writes
+        finished, the record closed as finished, failed or killed.
 
-        Runs by itself at interpreter exit; call it to end earlier. Ranks leave together:
-        a rank exiting while another still talks to it would abort that one. Does nothing in
-        a process forked from the training process (a DataLoader worker).
+        Runs by itself at interpreter exit, knowing whether an exception is ending the program;
+        call it to end earlier, with ``failed=exc`` if the run failed. Ranks leave together: a
+        rank exiting while another still talks to it would abort that one. Does nothing in a
+        process forked from the training process (a DataLoader worker).
         """
         if self._closed or not self._lifecycle.owns_process():
             return
         self._closed = True
-        self.services.close(self.step)
-        if not hasattr(sys, "last_value"):  # a failed run has nothing to diagnose
-            self._doctor_report()
-        self.services.finish()
-        if self.dist.owns_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        failure = failed if failed is not None else self._lifecycle.failure
+        try:
+            self.services.close(self.step, failed=failure is not None)
+            if failure is None:  # a failed run has nothing to diagnose
+                self._doctor_report()
+            if self.dist.owns_group and dist.is_initialized():
+                dist.barrier()
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self.services.finish(failure)
+            if self.dist.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
 
     def _checkpoint_point(self) -> None:
         # One integer comparison per micro-batch; a save only when one is due.
