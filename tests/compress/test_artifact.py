@@ -92,3 +92,70 @@ def test_serving_accepts_a_padding_mask_and_predicts(trained, tmp_path):
         expected = trained(ids[:1, :3])
     torch.testing.assert_close(logits[:1, :3], expected)
     assert model.predict(ids, predict_positions=torch.tensor([[1], [2]])).shape == (2, 1)
+
+
+def _rewrite(path, *, header=None, tensors=None):
+    """Write ``path`` again with a changed header dict and/or tensors (the digest is recomputed
+    only when ``tensors`` is given, to get past it to the later checks)."""
+    from safetensors import safe_open
+
+    from stoker.compress import artifact
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["stoker.compressed"])
+        current = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    if tensors is not None:
+        current.update(tensors)
+        meta["sha256"] = artifact._digest(current)
+    if header is not None:
+        meta = header(meta)
+    save_file(current, path, metadata={"stoker.compressed": json.dumps(meta)})
+
+
+@pytest.fixture
+def int8_file(trained, tmp_path):
+    made = compress(trained, quant=QuantConfig(method="int8-dynamic"))
+    return made.save(tmp_path / "m.safetensors")
+
+
+def test_flipped_data_bytes_are_caught(int8_file):
+    data = bytearray(int8_file.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes: the layout stays valid
+    int8_file.write_bytes(bytes(data))
+    with pytest.raises(StokerError, match="SHA-256 digest"):
+        load_compressed(int8_file, compile=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h: [h], "JSON list, not an object"),
+        (lambda h: {**h, "encoder": {**h["encoder"], "vocab_size": 10**12}}, "implies"),
+        (lambda h: {**h, "encoder": {**h["encoder"], "dim": -4}}, "dim=-4"),
+        (lambda h: {**h, "info": "x"}, "info is not an object"),
+    ],
+)
+def test_a_crafted_header_is_one_clear_error(int8_file, change, message):
+    _rewrite(int8_file, header=change)
+    with pytest.raises(StokerError, match=message) as err:
+        load_compressed(int8_file, compile=False)
+    assert "\n" not in str(err.value)
+
+
+def test_a_scale_of_the_wrong_shape_is_refused(int8_file):
+    from safetensors import safe_open
+
+    with safe_open(str(int8_file), framework="pt") as f:
+        name = next(k for k in f.keys() if k.endswith(":scale"))  # noqa: SIM118
+    _rewrite(int8_file, tensors={name: torch.ones(3)})
+    with pytest.raises(StokerError, match="not one fp32 scale per row"):
+        load_compressed(int8_file, compile=False)
+
+
+def test_saving_onto_a_directory_or_an_unwritable_path_is_one_line(trained, tmp_path):
+    made = compress(trained)
+    with pytest.raises(StokerError, match="is a directory"):
+        made.save(tmp_path)
+    assert not list(tmp_path.parent.glob(".tmp-*"))
+    with pytest.raises(StokerError, match=r"cannot write /proc/x/y\.safetensors"):
+        made.save("/proc/x/y.safetensors")

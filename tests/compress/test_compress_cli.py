@@ -26,6 +26,9 @@ def test_compress_writes_the_model_and_the_table(run_dir, capsys):
     [
         (["compress", "/nonexistent/run"], "no runs under"),
         (["compress", "{run}", "--sparsity", "1.5", "--prune", "magnitude"], "must be in [0, 1)"),
+        (["compress", "{run}", "--out", "/tmp"], "--out /tmp: give a file path ending in"),
+        (["compress", "{run}", "--out", "/proc/x/y.safetensors"], "cannot write /proc/x/y"),
+        (["compress", "{run}", "--out", "{run}/record.json"], "ending in .safetensors"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, run_dir, tmp_path, capsys, monkeypatch):

@@ -65,6 +65,19 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _matmul_speed() -> dict[str, Any]:
+    """The measured fp32 / bf16 rates that decide precision="auto" and the compressed forms."""
+    from stoker.runtime.hardware import matmul_speed
+
+    speed = matmul_speed("cpu")
+    return {
+        "fp32_gflops": round(speed.fp32_gflops, 1),
+        "bf16_gflops": round(speed.bf16_gflops, 1),
+        "favours": "bf16" if speed.favours_bf16 else "fp32",
+        "threads": speed.threads,
+    }
+
+
 def environment(repo: Path | None = None) -> dict[str, Any]:
     """What a reader needs to judge or rerun a number: versions, CPU, threads, host, git.
 
@@ -90,9 +103,15 @@ def environment(repo: Path | None = None) -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "thread_env": {
             k: os.environ[k]
-            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY")
+            for k in (
+                "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "ATEN_CPU_CAPABILITY",
+                "ONEDNN_MAX_CPU_ISA",  # caps oneDNN's kernels: an AVX2 run on a newer CPU
+            )
             if k in os.environ
         },
+        "matmul_speed": _matmul_speed(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cuda": None,
         "git": _git(repo),

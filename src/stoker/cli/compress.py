@@ -96,6 +96,17 @@ def main(args: argparse.Namespace) -> int:
     quant = QuantConfig(
         method="none" if auto else args.quantize, calibration_batches=args.calibration_batches
     )
+    out: Path | None = args.out
+    if out is not None and (out.is_dir() or out.suffix != ".safetensors"):
+        example = out / "model.safetensors" if out.is_dir() else out.with_suffix(".safetensors")
+        raise StokerError(f"--out {out}: give a file path ending in .safetensors (e.g. {example})")
+    if out is not None:  # before minutes of work, not after
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StokerError(
+                f"cannot write {out}: {exc.strerror or exc}; choose another --out"
+            ) from None
     if args.eval_batches < 1:
         raise StokerError(f"--eval-batches {args.eval_batches}: needs at least 1.")
     trained = load_trained(_resolve(args.source, args.root))
