@@ -15,7 +15,9 @@ and loadable. ``"warn"`` (default) emits one :class:`CheckpointWarning` per fail
 what failed and that training goes on, and keeps training; ``"raise"`` raises
 :class:`CheckpointError` with the same one-line message (the run stops; stoker's excepthook
 prints it without a traceback). Mistakes in the state itself (an object that is neither data nor
-stateful) always raise: they would fail every time.
+stateful) always raise: they would fail every time. So does a rank missing from a save's
+agreement under ``torch.distributed`` (:class:`~stoker.runtime.distributed.CollectiveTimeout`,
+after ``$STOKER_COLLECTIVE_TIMEOUT`` seconds): without it, training cannot go on.
 
 ``async_save``: the step's state is copied to CPU memory (the only time the loop waits), then a
 background thread writes, hashes and renames. A failure is reported at the next call. A new
@@ -48,6 +50,7 @@ from stoker.checkpoint.resume import (
 from stoker.checkpoint.state import snapshot
 from stoker.checkpoint.store import load, write_snapshot
 from stoker.errors import StokerError, install_excepthook
+from stoker.runtime.distributed import CollectiveTimeout
 
 __all__ = ["CheckpointConfig", "Checkpointer"]
 
@@ -149,7 +152,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         # Host buffers reused by every async snapshot (one copy of the state in host memory).
         self._pool: dict[tuple[str, str], Any] = {}
-        self._pending_error: CheckpointError | None = None
+        self._pending_error: StokerError | None = None
         self._kill_at = _env_int(KILL_AT_STEP_ENV)
         kill_rank = _env_int(KILL_RANK_ENV)
         if kill_rank is not None and kill_rank != self._coord.rank:
@@ -275,13 +278,15 @@ class Checkpointer:
         _lower_thread_priority()
         try:
             self._write(target, snap, step)
-        except CheckpointError as exc:
+        except (CheckpointError, CollectiveTimeout) as exc:
             self._pending_error = exc
         except Exception as exc:  # never lose a background failure silently
             self._pending_error = CheckpointError(f"could not save checkpoint {target}: {exc!r}")
 
-    def _failed(self, exc: CheckpointError) -> None:
+    def _failed(self, exc: StokerError) -> None:
         self.failures += 1
+        if not isinstance(exc, CheckpointError):  # a rank is gone: training cannot go on
+            raise exc
         if self.config.on_error == "raise":
             raise exc
         previous = f"the latest good one is {self.latest}" if self.latest else "none saved yet"

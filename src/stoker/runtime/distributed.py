@@ -4,12 +4,21 @@ stoker never starts processes itself: ``stoker run`` (or plain ``torchrun``) doe
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` in each one's environment. This
 module reads them, joins the process group (gloo on CPU, nccl on CUDA) and leaves everything
 else to ``torch.distributed``.
+
+Every collective stoker adds outside the training step (the barrier at the end of the run, a
+checkpoint's agreements) runs on a gloo group created with a timeout of
+``$STOKER_COLLECTIVE_TIMEOUT`` seconds (default 300): when a rank died or is stuck elsewhere,
+the others stop with one line naming it (:class:`CollectiveTimeout`) and a non-zero exit, which
+torchrun's elastic agent sees as a failure (and restarts, with ``--max-restarts``), instead of
+waiting for ever.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +27,85 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from stoker.errors import StokerError
 
-__all__ = ["DistributedContext", "init_distributed", "shard_loader"]
+__all__ = [
+    "COLLECTIVE_TIMEOUT_ENV",
+    "CollectiveTimeout",
+    "DistributedContext",
+    "collective_timeout",
+    "control_group",
+    "init_distributed",
+    "shard_loader",
+    "wait_for_ranks",
+]
+
+COLLECTIVE_TIMEOUT_ENV = "STOKER_COLLECTIVE_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 300.0
+
+
+class CollectiveTimeout(StokerError):
+    """A rank did not reach one of stoker's own collectives within the collective timeout."""
+
+    @classmethod
+    def from_error(cls, what: str, error: BaseException, timeout_s: float) -> CollectiveTimeout:
+        """Explain ``error``, raised by torch.distributed while waiting in ``what``."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # torch's message, on one line without its source location: "[file.cc:78] Timed out..."
+        detail = " ".join(re.sub(r"\[[^\]]*\.(?:cpp|cc|h):\d+\] ?", "", str(error)).split())
+        listed = re.search(r"Ranks? ([\d, ]+) failed to pass", detail)  # monitored_barrier's
+        if world == 2:
+            who = f"rank {1 - rank}"
+        elif rank == 0 and listed:
+            who = f"rank(s) {listed.group(1).strip()}"
+        else:
+            who = "another rank"
+        return cls(
+            f"rank {rank}: {who} did not reach {what} within {timeout_s:g} s "
+            f"({COLLECTIVE_TIMEOUT_ENV}={timeout_s:g}; torch.distributed: {detail[:300]}); it "
+            "died or is stuck elsewhere: see its own output, or raise "
+            f"{COLLECTIVE_TIMEOUT_ENV} if it is only slow"
+        )
+
+
+def collective_timeout() -> float:
+    """Seconds stoker's own collectives wait for every rank: ``$STOKER_COLLECTIVE_TIMEOUT``."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+    if not value:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise StokerError(
+            f"environment variable {COLLECTIVE_TIMEOUT_ENV}={value!r} is not a number of "
+            f"seconds; use a positive number such as {_DEFAULT_TIMEOUT_S:g} (the default)"
+        )
+    return seconds
+
+
+def control_group(what: str) -> Any:
+    """A new gloo group over every rank whose collectives time out (see the module docstring).
+
+    Collective itself: every rank must create it at the same point of the program.
+    """
+    timeout_s = collective_timeout()
+    try:
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # DistStoreError: a rank never came to create it
+        raise CollectiveTimeout.from_error(what, exc, timeout_s) from exc
+
+
+def wait_for_ranks(group: Any, what: str) -> None:
+    """A barrier over ``group`` (from :func:`control_group`) that fails rather than hangs."""
+    timeout_s = collective_timeout()
+    try:
+        # Rank 0 waits for each rank with this timeout and names the missing ones; the others
+        # wait for rank 0 with the group's.
+        dist.monitored_barrier(
+            group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True
+        )
+    except RuntimeError as exc:
+        raise CollectiveTimeout.from_error(what, exc, timeout_s) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +117,8 @@ class DistributedContext:
     world_size: int = 1
     owns_group: bool = False
     """Whether stoker created the process group (and so destroys it at the end)."""
+    group: Any = field(default=None, compare=False)
+    """With ``owns_group``: a :func:`control_group` for the barrier at the end of the run."""
 
     @property
     def enabled(self) -> bool:
@@ -65,7 +154,11 @@ def init_distributed(device: torch.device) -> DistributedContext:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistributedContext(
-        rank=rank, local_rank=local_rank, world_size=world_size, owns_group=owns_group
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        owns_group=owns_group,
+        group=control_group("the start of the run (Stoker())") if owns_group else None,
     )
 
 

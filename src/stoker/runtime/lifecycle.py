@@ -18,18 +18,25 @@ state:
   ``sys.last_value`` is not consulted: a REPL keeps it for good, long after the error.
 
 The exit hook holds the Stoker weakly, so a Stoker nobody references any more is collected
-with its model instead of living until exit.
+with its model instead of living until exit. If ``close`` fails there (a rank that never came
+to the final barrier, a final checkpoint that could not be written), the hook prints the error
+(one line for a :class:`~stoker.StokerError`) and ends the process with exit code 1: an
+exception escaping an exit hook would only be printed as "ignored", the exit code would stay 0
+and torchrun would take the failed worker for a finished one.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable
 
-from stoker.errors import on_failure
+from stoker.errors import StokerError, on_failure
 
 __all__ = ["Lifecycle"]
 
@@ -76,5 +83,16 @@ class Lifecycle:
 
     def _at_exit(self) -> None:
         close = self._close()
-        if close is not None and self.owns_process():
+        if close is None or not self.owns_process():
+            return
+        try:
             close()
+        except BaseException as exc:
+            if isinstance(exc, StokerError):
+                print(f"stoker: error: {exc}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(1)

@@ -30,7 +30,12 @@ from torch.utils.data import DataLoader
 
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
-from stoker.runtime.distributed import DistributedContext, init_distributed, shard_loader
+from stoker.runtime.distributed import (
+    DistributedContext,
+    init_distributed,
+    shard_loader,
+    wait_for_ranks,
+)
 from stoker.runtime.lifecycle import Lifecycle
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
 from stoker.runtime.prepared import (
@@ -486,8 +491,10 @@ class Stoker:
 
         Runs by itself at interpreter exit, knowing whether an exception is ending the program;
         call it to end earlier, with ``failed=exc`` if the run failed. Ranks leave together: a
-        rank exiting while another still talks to it would abort that one. Does nothing in a
-        process forked from the training process (a DataLoader worker).
+        rank exiting while another still talks to it would abort that one; a rank that does not
+        come within ``$STOKER_COLLECTIVE_TIMEOUT`` seconds (default 300) fails the others with
+        :class:`~stoker.runtime.distributed.CollectiveTimeout`. Does nothing in a process forked
+        from the training process (a DataLoader worker).
         """
         if self._closed or not self._lifecycle.owns_process():
             return
@@ -497,14 +504,16 @@ class Stoker:
             self.services.close(self.step, failed=failure is not None)
             if failure is None:  # a failed run has nothing to diagnose
                 self._doctor_report()
-            if self.dist.owns_group and dist.is_initialized():
-                dist.barrier()
+            # A failed rank leaves at once (its peers fail in turn, and torchrun restarts the
+            # job); the others wait for each other, for at most STOKER_COLLECTIVE_TIMEOUT.
+            if failure is None and self.dist.group is not None and dist.is_initialized():
+                wait_for_ranks(self.dist.group, "the end of the run (Stoker.close)")
         except BaseException as exc:
             failure = exc
             raise
         finally:
             self.services.finish(failure)
-            if self.dist.owns_group and dist.is_initialized():
+            if failure is None and self.dist.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
     def _checkpoint_point(self) -> None:
