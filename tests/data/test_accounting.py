@@ -1,6 +1,7 @@
 """Padding and rank-imbalance accounting: definitions, plan predictions, device counters."""
 
 import functools
+import gc
 import os
 import socket
 
@@ -89,6 +90,35 @@ def test_counter_accepts_a_valid_tensor_and_rejects_other_input():
     assert (s.steps, s.real_tokens, s.computed_tokens) == (1500, 3000, 4500)
     with pytest.raises(StokerError, match="valid"):
         counter.update({"input_ids": torch.zeros(2, 3)})
+
+
+def _live_tensors() -> int:
+    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+def test_counter_memory_stays_bounded_and_totals_exact():
+    # The job's counter sees one batch per step for thousands of steps: what it keeps alive
+    # must not grow with them (it used to hold up to 1,024 tensors), and no count may be lost.
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 16, generator=g) < 0.1 + 0.8 * torch.rand(()) for _ in range(50)]
+    real = [int(b.sum()) for b in batches]
+    counter = TokenCounter()
+    gc.collect()
+    before = _live_tensors()
+    most = 0
+    for step in range(3000):
+        counter.update(batches[step % 50])
+        if step % 100 == 99:
+            most = max(most, _live_tensors() - before)
+    assert most <= 16, f"{most} tensors kept alive by the counter"
+    s = counter.summary()
+    expected = [real[step % 50] for step in range(3000)]
+    assert (s.steps, s.real_tokens, s.computed_tokens) == (3000, sum(expected), 3000 * 64)
+    assert s.real_tokens_per_rank == (sum(expected) / 3000,)
+    counter.update(batches[0])  # counting goes on after a summary
+    assert counter.summary().real_tokens == sum(expected) + real[0]
+    counter.reset()
+    assert counter.steps == 0 and counter.summary().real_tokens == 0
 
 
 def _free_port() -> int:

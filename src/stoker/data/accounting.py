@@ -4,8 +4,9 @@ Two ways to get a :class:`RaggedSummary` (what the logs and the doctor's ``paddi
 ``rank-imbalance`` rules read):
 
 - measured in the loop by :class:`TokenCounter`: ``counter.update(batch)`` every step costs one
-  device reduction and never makes the host wait; ``counter.summary()`` resolves the counts (one
-  sync, plus an all-gather when ``torch.distributed`` is initialised) at logging time;
+  device reduction (and a copy into a device buffer) and never makes the host wait;
+  ``counter.summary()`` resolves the counts (one sync, plus an all-gather when
+  ``torch.distributed`` is initialised) at logging time;
 - predicted from a sampler's plan, without running anything: :func:`summarize_plan`.
 
 Definitions, for per-rank per-step counts ``real[r, s]`` (non-padding tokens) and
@@ -149,14 +150,17 @@ class TokenCounter:
 
     ``update`` takes a batch with a ``valid`` [B, T] bool tensor (True = real token; the
     layout collators ``pad_batch`` and ``PackingCollator`` both produce it) or the tensor
-    itself: the real count is a device reduction appended to a list, the computed count
-    (``B * T``) comes from the shape, so nothing waits for the device. Call ``summary`` at
-    logging time, on every rank at once when distributed (it all-gathers).
+    itself: the real count is a device reduction written into slot ``step`` of one
+    preallocated device buffer (grown by doubling, a device-side copy), the computed count
+    (``B * T``) comes from the shape, so nothing waits for the device and the memory held is
+    one int64 per step, not one tensor per step. Call ``summary`` at logging time, on every
+    rank at once when distributed (it all-gathers).
     """
 
+    _FIRST_CAPACITY = 1024  # steps; 8 KB
+
     def __init__(self) -> None:
-        self._pending: list[Tensor] = []  # 0-d device counts not yet stacked
-        self._chunks: list[Tensor] = []  # stacked [k] counts
+        self._real: Tensor | None = None  # [capacity] int64 on the batches' device
         self._computed: list[int] = []
 
     @property
@@ -172,28 +176,28 @@ class TokenCounter:
                 "TokenCounter.update wants a batch with a 'valid' bool tensor [B, T] (True = "
                 "real token) or that tensor; use pad_batch or PackingCollator as the layout."
             )
-        self._pending.append(valid.sum())
+        step = len(self._computed)
+        real = self._real
+        if real is None or step == len(real):
+            real = self._real = self._grown(valid.device)
+        real[step] = valid.sum()  # a device-to-device copy into the buffer
         self._computed.append(valid.numel())
-        if len(self._pending) >= 1024:  # bound the number of small tensors kept alive
-            self._chunks.append(torch.stack(self._pending))
-            self._pending.clear()
+
+    def _grown(self, device: torch.device) -> Tensor:
+        steps = len(self._computed)
+        grown = torch.zeros(max(self._FIRST_CAPACITY, 2 * steps), dtype=torch.int64, device=device)
+        if self._real is not None:
+            grown[:steps] = self._real[:steps]
+        return grown
 
     def reset(self) -> None:
         """Forget every count (e.g. after logging a summary)."""
-        self._pending.clear()
-        self._chunks.clear()
         self._computed.clear()
 
     def summary(self) -> RaggedSummary:
         """Resolve the counts (syncs) and summarise them across ranks if distributed."""
-        if self._pending:
-            self._chunks.append(torch.stack(self._pending))
-            self._pending.clear()
-        if self._chunks:
-            real = torch.cat(self._chunks)
-            self._chunks = [real]
-        else:
-            real = torch.zeros(0, dtype=torch.int64)
+        n = len(self._computed)
+        real = self._real[:n] if self._real is not None else torch.zeros(0, dtype=torch.int64)
         computed = torch.tensor(self._computed, dtype=torch.int64, device=real.device)
         counts = torch.stack([real.to(torch.int64), computed])  # [2, S]
         dist = torch.distributed
