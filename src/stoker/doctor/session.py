@@ -128,6 +128,7 @@ class ForwardInfo:
 
     site: Site | None
     module: Any = field(repr=False)
+    """The module called, inside any ``DistributedDataParallel`` wrapper: probes run on it."""
     args: tuple[Any, ...] = field(repr=False)
     kwargs: dict[str, Any] = field(repr=False)
     training: bool
@@ -189,6 +190,27 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def _without_ddp(module: Any) -> Any:
+    """``module`` with its ``DistributedDataParallel`` wrapper taken off, for the probes.
+
+    The probes re-run the captured model forward and backward on the main rank alone; through
+    DDP that issues collectives (gradient all-reduce, buffer broadcast) the other ranks never
+    join, and the run hangs. A compiled DDP model gives the plain module inside (probed
+    eagerly); a compiled model without DDP stays compiled.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return _without_ddp(module.module)
+    if "torch._dynamo" in sys.modules:  # only then can a module be compiled
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        if isinstance(module, OptimizedModule):
+            inner = _without_ddp(module._orig_mod)
+            return module if inner is module._orig_mod else inner
+    return module
 
 
 class Doctor:
@@ -511,7 +533,7 @@ class Doctor:
 
             info = self._forwards[key] = ForwardInfo(
                 site=site,
-                module=module,
+                module=_without_ddp(module),
                 args=tuple(keep(a) for a in args),
                 kwargs={k: keep(v) for k, v in (kwargs or {}).items()},
                 training=training,
