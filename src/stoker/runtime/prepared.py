@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 
+from stoker.runtime.nested import map_tensors
+
 if TYPE_CHECKING:
     from stoker.runtime.stoker import Stoker
 
@@ -22,15 +24,8 @@ __all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler"]
 
 
 def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: _move(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_move(b, device, non_blocking) for b in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(_move(b, device, non_blocking) for b in batch)
-    return batch
+    """``batch`` on ``device``, every container kept as its own type (see ``map_tensors``)."""
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
 
 class _MicroBatch:

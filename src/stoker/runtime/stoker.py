@@ -37,6 +37,7 @@ from stoker.runtime.distributed import (
     wait_for_ranks,
 )
 from stoker.runtime.lifecycle import Lifecycle
+from stoker.runtime.nested import map_tensors
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
 from stoker.runtime.prepared import (
     PreparedLoader,
@@ -58,17 +59,16 @@ log = logging.getLogger(__name__)
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
 def _to_fp32(output: Any) -> Any:
-    """Cast half-precision floating tensors in a (nested) model output back to fp32."""
+    """Cast half-precision floating tensors in a (nested) model output back to fp32, keeping
+    every container's type (an HF ``ModelOutput`` stays one: ``outputs.loss`` works)."""
     if isinstance(output, torch.Tensor):
-        return output.float() if output.dtype in _HALF else output
-    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
-        return type(output)(*(_to_fp32(o) for o in output))
-    if isinstance(output, list | tuple):
-        return type(output)(_to_fp32(o) for o in output)
-    if isinstance(output, dict):
-        return {k: _to_fp32(v) for k, v in output.items()}
-    return output
+        return _fp32(output)
+    return map_tensors(_fp32, output)
 
 
 def _autocast_forward(forward: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Any:
