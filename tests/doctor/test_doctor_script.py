@@ -54,12 +54,12 @@ def test_crash_before_window(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     message = str(info.value)
     assert "\n" not in message
     assert "raised ZeroDivisionError at train.py:" in message
-    assert "after 1 optimizer step" in message
+    assert "after 1 training step" in message
     assert "boom" in capsys.readouterr().err  # the user's own traceback is shown first
 
 
 def test_window_longer_than_run(tmp_path: Path) -> None:
-    with pytest.raises(StokerError, match=r"finished after 2 optimizer step\(s\) but the doctor "):
+    with pytest.raises(StokerError, match=r"finished after 2 training step\(s\) but the doctor "):
         diagnose_script(_script(tmp_path), ["2"], FAST)
 
 
@@ -70,7 +70,7 @@ def test_run_without_steps(tmp_path: Path) -> None:
 
 def test_nonzero_exit_before_window(tmp_path: Path) -> None:
     path = _script(tmp_path, "if step == 1: sys.exit(3)")
-    with pytest.raises(StokerError, match="exited with status 3 after 1 optimizer step"):
+    with pytest.raises(StokerError, match="exited with status 3 after 1 training step"):
         diagnose_script(path, [], FAST)
 
 

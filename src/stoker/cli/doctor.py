@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.full_run and os.path.isfile(args.script):  # else diagnose_script says why
         print(
             f"stoker doctor: running {os.path.basename(args.script)} for "
-            f"{config.total_steps} optimizer steps, then stopping it (--full-run to finish)"
+            f"{config.total_steps} training steps, then stopping it (--full-run to finish)"
         )
     report = diagnose_script(args.script, [*args.script_args, *args.extra], config)
     report.print()

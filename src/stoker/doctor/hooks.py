@@ -3,7 +3,9 @@
 Always on while attached (cost: a Python call and a flag test, per batch or per step):
 - the DataLoader iterator's ``__next__`` (time waiting for data), and ``DataLoader.__init__`` /
   ``__iter__`` (where the loader was made, its workers and ``pin_memory``);
-- ``Optimizer.__init__`` (where), ``Optimizer.zero_grad`` / ``Module.zero_grad`` (``set_to_none``);
+- ``Optimizer.__init__`` (where), ``Optimizer.zero_grad`` / ``Module.zero_grad`` (``set_to_none``;
+  with ``auto_step``, ``Module.zero_grad`` marks the steps of a loop that updates its weights by
+  hand until an optimizer step is seen);
 - ``torch.compile`` and ``torch.set_num_threads`` (where they were called);
 - torch's global optimizer step pre/post hooks (optimizer time; with ``auto_step`` the steps).
 
@@ -141,6 +143,8 @@ def install(doctor: Doctor) -> Callable[[], None]:
         orig_zero = owner.__dict__["zero_grad"]
 
         def zero_grad(obj: Any, set_to_none: bool = True, _orig: Any = orig_zero) -> None:
+            if isinstance(obj, torch.nn.Module):  # a step of a loop without torch.optim?
+                record(doctor, doctor.on_module_zero_grad)()
             if not doctor.in_window:
                 return _orig(obj, set_to_none)
             start = time.perf_counter()

@@ -99,20 +99,42 @@ def _preserved(module: torch.nn.Module) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+_SEQ_FIRST = (
+    torch.nn.RNNBase,
+    torch.nn.Transformer,
+    torch.nn.TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer,
+    torch.nn.MultiheadAttention,
+)
+
+
+def batch_dim(module: torch.nn.Module) -> int:
+    """1 for models built on torch's sequence-first layers (``nn.LSTM``/``GRU``/``RNN``,
+    ``nn.Transformer*``, ``nn.MultiheadAttention`` with ``batch_first=False``), else 0: their
+    inputs and recurrent state are ``[seq, batch, ...]`` / ``[layers, batch, ...]``."""
+    for sub in module.modules():
+        if isinstance(sub, _SEQ_FIRST) and not getattr(sub, "batch_first", False):
+            return 1
+    return 0
+
+
 def _scaled(
-    args: tuple[Any, ...], kwargs: dict[str, Any], factor: int
+    args: tuple[Any, ...], kwargs: dict[str, Any], factor: int, dim: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Repeat every tensor that shares the first tensor's leading (batch) size ``factor`` times."""
+    """Repeat every tensor that shares the first tensor's batch size (along ``dim``) ``factor``
+    times along ``dim``; tuples (an LSTM's ``(h, c)``) are grown element by element."""
     first = _first_tensor(args)
     if first is None:
         first = _first_tensor(kwargs)
-    if first is None or first.dim() == 0:
+    if first is None or first.dim() <= dim:
         raise ValueError("no batched tensor input")
-    batch = first.shape[0]
+    batch = first.shape[dim]
 
     def grow(a: Any) -> Any:
-        if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch:
-            return torch.cat([a] * factor)
+        if isinstance(a, torch.Tensor) and a.dim() > dim and a.shape[dim] == batch:
+            return torch.cat([a] * factor, dim=dim)
+        if isinstance(a, tuple) and not hasattr(a, "_fields"):
+            return tuple(grow(x) for x in a)
         return a
 
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
@@ -221,7 +243,7 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
             jobs.append(("bf16", bf16))
 
         def batch4(fwd: ForwardInfo = fwd) -> Probe:
-            big = _scaled(fwd.args, fwd.kwargs, 4)
+            big = _scaled(fwd.args, fwd.kwargs, 4, batch_dim(fwd.module))
             t1, t4 = _probe(fwd, {"x4": {"inputs": big}}, {})
             return Probe(4 * t1, t4, "forward+backward at 4x the batch vs 4 calls at 1x")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stoker.doctor.probes import Probe
@@ -138,12 +139,13 @@ class Report:
             return
         for i, f in enumerate(self.findings, 1):
             cost = f"~{100 * f.share:.0f}% of step" if f.share is not None else "unmeasured"
-            where = f" at [bold]{f.location}[/]" if f.location else ""
+            # Finding texts are code (`x[idx]`, `[seq, batch]`): printed verbatim, not as markup.
+            where = f" at [bold]{escape(f.location)}[/]" if f.location else ""
             console.print(
                 f"\n{i}. [{_COLORS.get(f.severity, '')}]{f.code}[/] ({f.severity}, {cost}){where}"
             )
-            console.print(f"   {f.title}", highlight=False)
-            console.print(f"   [bold]fix:[/] {f.fix}", highlight=False)
+            console.print(f"   {escape(f.title)}", highlight=False)
+            console.print(f"   [bold]fix:[/] {escape(f.fix)}", highlight=False)
 
     def render_text(self, width: int = 100) -> str:
         """The terminal report as plain text."""

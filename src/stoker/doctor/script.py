@@ -87,7 +87,7 @@ def diagnose_script(
             else f"raised {type(crash).__name__}{_where(crash, script)}"
         )
         raise StokerError(
-            f"{name} {what} after {doctor.steps} optimizer step(s), before the doctor's window "
+            f"{name} {what} after {doctor.steps} training step(s), before the doctor's window "
             f"was complete (it needs {config.total_steps}); fix the script, or lower "
             "--warmup/--steps to diagnose the steps it does run"
         ) from crash
@@ -99,12 +99,12 @@ def diagnose_script(
         )
     if doctor.steps == 0:
         raise StokerError(
-            f"{name} finished without a single optimizer.step(); the doctor marks steps with "
-            "torch.optim optimizers' step hooks — run a script that trains"
+            f"{name} finished without a single optimizer.step() or model.zero_grad(); the "
+            "doctor marks a step by one of those — run a script that trains"
         )
     if doctor.steps < needed:
         raise StokerError(
-            f"{name} finished after {doctor.steps} optimizer step(s) but the doctor needs "
+            f"{name} finished after {doctor.steps} training step(s) but the doctor needs "
             f"{config.total_steps} ({config.warmup_steps} warm-up + {config.window_steps} "
             f"profiled + {config.attribution_steps} attribution); pass e.g. --warmup "
             f"{max(0, doctor.steps // 3)} --steps {max(1, doctor.steps // 3)}, or run more steps"

@@ -159,6 +159,7 @@ class Measurements:
     compile_sites: list[Site | None]
     compile: dict[str, Any]
     threads: dict[str, Any]
+    micro_batches: float = 1.0  # backward passes per step: > 1 under gradient accumulation
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -252,6 +253,7 @@ class Doctor:
         self._baseline: list[float] = []
         self._data_steps: list[float] = []  # data wait of each profiled step, seconds
         self._window: list[float] = []
+        self._backwards = 0  # backward passes in the window
         self._acc: dict[str, float] = {
             "data": 0.0,
             "forward": 0.0,
@@ -486,6 +488,13 @@ class Doctor:
         if self._auto_step and id(opt) == self._primary:
             self.step()
 
+    def on_module_zero_grad(self) -> None:
+        # A loop that updates weights by hand (`p.data.add_(p.grad, alpha=-lr)`) has no
+        # optimizer step to count, but clears its gradients once per step: count that, until
+        # (if ever) an optimizer steps — from then on optimizer steps are the steps.
+        if self._auto_step and self._primary is None:
+            self.step()
+
     def on_data_wait(self, it: Any, seconds: float, batch: Any) -> None:
         self._acc["data"] += seconds
         if isinstance(batch, Mapping):  # token batches: count padding (device ops, no sync)
@@ -545,6 +554,7 @@ class Doctor:
     def on_backward(self, seconds: float) -> None:
         if self.in_window:
             self._acc["backward"] += seconds
+            self._backwards += 1
 
     def on_zero_grad(self, obj: Any, set_to_none: bool, site: Site | None, seconds: float) -> None:
         if self.in_window:
@@ -616,6 +626,7 @@ class Doctor:
                 "set_at": self.thread_sites[-1] if self.thread_sites else None,
                 "omp_env": env_threads,
             },
+            micro_batches=max(1.0, self._backwards / steps),
             extras={"accounting": self._accounting_summary()},
         )
 

@@ -104,11 +104,13 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
         return []
     out = []
     for line in attr.lines.values():
-        calls = line.calls / attr.steps
+        # Per micro-batch: under accumulation a model's own lines run once per micro-batch, and
+        # 40 micro-batches of one layer_norm call are no Python loop.
+        calls = line.calls / attr.steps / m.micro_batches
         if calls < 64 or line.grad_zeroing * 2 >= line.calls:
             continue
         ms = 1e3 * line.seconds / attr.steps
-        mean_us = 1e3 * ms / calls
+        mean_us = 1e3 * ms / (calls * m.micro_batches)
         # The loop costs its calls, the Python between them, and in backward the autograd nodes
         # it created: this line's share of the window's time in nodes of those types (by
         # count). A batched op costs about what a handful of the small ones do.
@@ -118,18 +120,20 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
             if node_calls > 0:
                 backward_ms += node_ms * min(1.0, count / attr.steps / node_calls)
         loop_ms = 1e3 * (line.seconds + line.between_seconds) / attr.steps + backward_ms
-        saving = loop_ms * (1 - min(1.0, len(line.names) / calls))
+        saving = loop_ms * (1 - min(1.0, len(line.names) / calls))  # calls per micro-batch
         share = saving / m.step_ms
         if share < 0.05 or mean_us > 200:
             continue
-        top = ", ".join(f"{n} x{round(c / attr.steps)}" for n, c in line.names.most_common(3))
+        per = attr.steps * m.micro_batches
+        top = ", ".join(f"{n} x{round(c / per)}" for n, c in line.names.most_common(3))
+        unit = "micro-batch" if m.micro_batches > 1 else "step"
         out.append(
             Finding(
                 code="many-small-ops",
                 severity=_severity(share),
                 share=share,
                 title=(
-                    f"this line runs {calls:.0f} small torch calls per step ({top}; "
+                    f"this line runs {calls:.0f} small torch calls per {unit} ({top}; "
                     f"{mean_us:.0f} µs each), a Python loop over tensor elements or slices"
                 ),
                 fix=(
@@ -139,7 +143,8 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
                 ),
                 location=_loc(line.site),
                 evidence={
-                    "calls_per_step": round(calls, 1),
+                    "calls_per_micro_batch": round(calls, 1),
+                    "micro_batches_per_step": round(m.micro_batches, 2),
                     "ms_per_step": _ms(ms),
                     "mean_call_us": round(mean_us, 1),
                     "ops_per_step": m.profile.ops_per_step,
@@ -179,10 +184,7 @@ def small_batch(m: Measurements, probes: Probes) -> list[Finding]:
                 f"batch size {batch} leaves the hardware idle: 4x the batch measured "
                 f"{1 / r:.1f}x more samples per second in forward+backward"
             ),
-            fix=(
-                f"raise batch_size to {4 * batch if batch else '4x'} (scale the learning rate "
-                "with it, linearly or by sqrt), or train a larger model for the same cost"
-            ),
+            fix=_small_batch_fix(batch, m.micro_batches),
             location=_loc(site),
             evidence={
                 "batch_size": batch,
@@ -192,6 +194,21 @@ def small_batch(m: Measurements, probes: Probes) -> list[Finding]:
             },
         )
     ]
+
+
+def _small_batch_fix(batch: int | None, micro_batches: float) -> str:
+    bigger = f"{4 * batch}" if batch else "4x"
+    accumulation = round(micro_batches)
+    if accumulation >= 4:  # keep the effective batch: what the run trains on stays the same
+        return (
+            f"raise the micro-batch to {bigger} and divide the gradient-accumulation steps by "
+            f"4 ({accumulation} -> {accumulation // 4}): the same effective batch, so keep the "
+            "learning rate"
+        )
+    return (
+        f"raise batch_size to {bigger} (scale the learning rate with it, linearly or by sqrt), "
+        "or train a larger model for the same cost"
+    )
 
 
 @_rule("cpu-threads")
