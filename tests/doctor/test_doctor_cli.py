@@ -60,3 +60,23 @@ def test_cli_runs_a_script_and_writes_json(
     assert "then stopping it" in printed and "stoker doctor" in printed
     data = json.loads(out.read_text())
     assert data["summary"]["profiled_steps"] == 2 and data["findings"] == []
+
+
+def test_profiler_lines_do_not_leak_into_the_output(tmp_path: Path) -> None:
+    """kineto prints ``USDT: ... profiler_start`` to file descriptor 2 from C++: only a real
+    process shows it, so this runs the CLI in one."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    argv = ["--warmup", "1", "--steps", "2", "--attribution-steps", "1", "--no-probes"]
+    done = subprocess.run(
+        [sys.executable, "-m", "stoker", "doctor", *argv, str(script), "--width", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stoker doctor" in done.stdout
+    assert "USDT" not in done.stderr + done.stdout, done.stderr

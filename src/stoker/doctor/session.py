@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +214,25 @@ def _without_ddp(module: Any) -> Any:
     return module
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Mute file descriptor 2 while the profiler starts or stops: kineto prints its own
+    ``USDT: ... profiler_start`` lines there, straight from C++, into every run's output."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedded interpreter): nothing to mute
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Doctor:
     """Profile a window of a training run and explain what to change.
 
@@ -387,7 +406,8 @@ class Doctor:
         self._prof = profile(
             activities=activities, record_shapes=True, with_stack=self.config.with_stack
         )
-        self._prof.__enter__()
+        with _native_stderr_silenced():
+            self._prof.__enter__()
         self._undo_window = hooks.install_window(self)
         self.in_window = True
         self._t_last = time.perf_counter()
@@ -401,7 +421,8 @@ class Doctor:
         prof, self._prof = self._prof, None
         if prof is None:
             return
-        prof.__exit__(None, None, None)
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
         self._dyn1 = _dynamo_snapshot()
         steps = max(1, len(self._window))
         self._summary = summarize_events(prof.profiler.kineto_results.events(), steps)
