@@ -28,7 +28,7 @@ def finetune(
 ) -> Encoder:
     """``steps`` AdamW steps of masked-token loss on ``loader``'s batches; returns the model.
 
-    Precision, device and the loop are the runtime's (bf16 autocast on AMX CPUs). ``masks``
+    Precision, device and the loop are the runtime's (bf16 autocast where bf16 is measured fast). ``masks``
     (from unstructured / 2:4 pruning) are re-applied after each step. ``on_step(step, loss)``
     gets the loss as a device tensor: reading it is the caller's sync, not this loop's.
     """
