@@ -28,9 +28,10 @@ def finetune(
 ) -> Encoder:
     """``steps`` AdamW steps of masked-token loss on ``loader``'s batches; returns the model.
 
-    Precision, device and the loop are the runtime's (bf16 autocast where bf16 is measured fast). ``masks``
-    (from unstructured / 2:4 pruning) are re-applied after each step. ``on_step(step, loss)``
-    gets the loss as a device tensor: reading it is the caller's sync, not this loop's.
+    Precision, device and the loop are the runtime's (bf16 autocast where bf16 is measured
+    fast). ``masks`` (from unstructured / 2:4 pruning) are re-applied after each step.
+    ``on_step(step, loss)`` gets the loss as a device tensor: reading it is the caller's sync,
+    not this loop's.
     """
     stoker = Stoker(seed=0, record=False, doctor=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
