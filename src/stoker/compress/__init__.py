@@ -12,7 +12,7 @@
 """
 
 from stoker.compress.api import Compressed, compress
-from stoker.compress.auto import AUTO_CANDIDATES, AutoChoice, choose_quantization
+from stoker.compress.auto import AUTO_CANDIDATES, AutoChoice, choose_quantization, select_form
 from stoker.compress.config import PRUNE_METHODS, QUANT_METHODS, PruneConfig, QuantConfig
 from stoker.compress.evaluate import Evaluation, evaluate, evaluation_table
 from stoker.compress.prune import (
@@ -45,6 +45,7 @@ __all__ = [
     "load_trained",
     "magnitude_prune",
     "prunable_linears",
+    "select_form",
     "semi_structured_prune",
     "structured_prune",
 ]

@@ -23,7 +23,7 @@ from stoker.compress.serve import load_compressed
 from stoker.errors import StokerError
 from stoker.models import Encoder
 
-__all__ = ["AUTO_CANDIDATES", "AutoChoice", "choose_quantization"]
+__all__ = ["AUTO_CANDIDATES", "AutoChoice", "choose_quantization", "select_form"]
 
 AUTO_CANDIDATES = ("none", "int8-static", "int8-dynamic", "int8-weight", "bf16")
 """Tried in this order; ``none`` (the unquantized model) is the accuracy reference."""
@@ -78,23 +78,44 @@ def choose_quantization(
             evaluate(served, val_batches, batch_sizes=batch_sizes, repeats=repeats, name=name)
         )
         made[method] = candidate
-    top = max(batch_sizes)
-    reference = rows[0]
-    floor = reference.accuracy - accuracy_budget
-    eligible = [(m, r) for m, r in zip(AUTO_CANDIDATES, rows, strict=True) if r.accuracy >= floor]
-    method, best = min(eligible, key=lambda mr: mr[1].latency_ms[top].median)
+    names = ["fp32" if m == "none" else m for m in AUTO_CANDIDATES]
+    chosen, reason = select_form(
+        names,
+        accuracy=[r.accuracy for r in rows],
+        latency_ms=[r.latency_ms[max(batch_sizes)].median for r in rows],
+        accuracy_budget=accuracy_budget,
+        batch=max(batch_sizes),
+    )
+    method = AUTO_CANDIDATES[names.index(chosen)]
+    return AutoChoice(made[method], method, reason, rows)
 
-    def speed(r: Evaluation) -> str:
-        return f"{reference.latency_ms[top].median / r.latency_ms[top].median:.2f}x"
+
+def select_form(
+    names: Sequence[str],
+    *,
+    accuracy: Sequence[float],
+    latency_ms: Sequence[float],
+    accuracy_budget: float,
+    batch: int,
+) -> tuple[str, str]:
+    """The rule ``auto`` applies, on measurements: the lowest latency among the forms whose
+    accuracy is within ``accuracy_budget`` of the first (the reference). Returns the chosen
+    name and a sentence saying why, with every other form's speed."""
+    floor = accuracy[0] - accuracy_budget
+    eligible = [i for i in range(len(names)) if accuracy[i] >= floor]
+    best = min(eligible, key=lambda i: latency_ms[i])
+
+    def speed(i: int) -> str:
+        return f"{latency_ms[0] / latency_ms[i]:.2f}x"
 
     others = ", ".join(
-        f"{r.name} {speed(r)}{'' if r.accuracy >= floor else ' (over budget)'}"
-        for r in rows
-        if r is not best
+        f"{names[i]} {speed(i)}{'' if accuracy[i] >= floor else ' (over budget)'}"
+        for i in range(len(names))
+        if i != best
     )
     reason = (
-        f"{best.name}: the fastest at batch {top} on this machine ({speed(best)} fp32's "
-        f"speed) with accuracy {best.accuracy:.1%} against fp32's {reference.accuracy:.1%} "
+        f"{names[best]}: the fastest at batch {batch} on this machine ({speed(best)} fp32's "
+        f"speed) with accuracy {accuracy[best]:.1%} against fp32's {accuracy[0]:.1%} "
         f"(budget {100 * accuracy_budget:g} point(s)); others: {others}"
     )
-    return AutoChoice(made[method], method, reason, rows)
+    return names[best], reason
