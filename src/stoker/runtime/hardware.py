@@ -110,7 +110,9 @@ def matmul_speed(device: torch.device | str) -> MatmulSpeed:
 def _cpu_speed(threads: int) -> MatmulSpeed:
     path = cache_dir("hardware") / f"matmul-{_machine_key(threads)}.json"
     try:
-        saved = json.loads(path.read_bytes()[:4096])
+        if not path.is_file() or path.stat().st_size > 4096:  # a FIFO would block a read
+            raise ValueError("not a cache file")
+        saved = json.loads(path.read_bytes())
         speed = MatmulSpeed(
             "cpu",
             float(saved["fp32_gflops"]),
