@@ -186,7 +186,7 @@ class PreparedLoader:
         self.position = skip
         stoker._services_resumed()
         while True:
-            stoker._checkpoint_point()  # before fetching: `position` batches are trained on
+            stoker._checkpoint_point(live=True)  # before fetching: `position` are trained on
             try:
                 batch = next(iterator)
             except StopIteration:

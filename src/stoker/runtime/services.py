@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stoker.errors import StokerError
+from stoker.runtime.boundary import StepBoundary, written_as_of
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
@@ -129,12 +130,24 @@ class RunServices:
             restore_rng(self.pending.rng)
             self.pending = None
 
-    def after_step(self, step: int) -> None:
-        """Called at the start of each micro-batch; saves when a checkpoint is due."""
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint of ``step`` is due (asked once per step, at the step)."""
+        if step == self._checked_step or self.checkpointer is None or self.state is None:
+            return False
+        return self.checkpointer.due(step)
+
+    def after_step(self, step: int, boundary: StepBoundary | None = None) -> None:
+        """Called at the start of each micro-batch; saves when a checkpoint is due, with the
+        copies of ``boundary`` (taken at the step, see :mod:`stoker.runtime.boundary`) when it
+        is of this step, else with the live state."""
         if step == self._checked_step or self.checkpointer is None or self.state is None:
             return
         self._checked_step = step
-        self.checkpointer.maybe_save(step, self.state)
+        if boundary is None or boundary.step != step:
+            self.checkpointer.maybe_save(step, self.state)
+            return
+        with written_as_of(self.state, boundary) as state:
+            self.checkpointer.maybe_save(step, state)
 
     def save(self, step: int) -> Path | None:
         if self.state is None:

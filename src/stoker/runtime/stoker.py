@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from stoker.errors import StokerError, install_excepthook
+from stoker.runtime.boundary import StepBoundary, capture_boundary
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import (
     DistributedContext,
@@ -45,7 +46,9 @@ from stoker.runtime.prepared import (
     PreparedScheduler,
     _MicroBatch,
 )
+from stoker.runtime.same_data import SameDataCheck
 from stoker.runtime.services import RESUME_CHOICES, RunServices
+from stoker.runtime.tracked import TrackedState
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig
@@ -204,6 +207,12 @@ class Stoker:
         self.resumed_from: int | None = None
         """The step this run resumed from, or None for a fresh start."""
         self._loaders: list[PreparedLoader] = []
+        self._tracked: TrackedState | None = None
+        # Checkpoint entries that must be exact as of the optimizer step (see boundary.py),
+        # and their copies while a due checkpoint waits for its write.
+        self._boundary_keys: tuple[str, ...] = ()
+        self._boundary: StepBoundary | None = None
+        self._same_data: SameDataCheck | None = None
         self._closed = False
         self._micro_batch = _MicroBatch(self)
         self._doctor_config = doctor
@@ -255,14 +264,27 @@ class Stoker:
         torch.manual_seed(seed)
 
     # -- prepare -------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, *objects: Any, scheduler: Any = None) -> Any:
+    def prepare(
+        self,
+        model: nn.Module,
+        *objects: Any,
+        scheduler: Any = None,
+        state: dict[str, Any] | None = None,
+    ) -> Any:
         """Ready a model, its optimizer and any data loaders for this device and process group.
 
-        ``prepare(model, optimizer, *loaders, scheduler=None)`` returns the same objects in the
-        same order (the scheduler last, if given): the model on the device, wrapped in
-        ``DistributedDataParallel`` when several processes run, compiled when asked, its
-        forward under the precision policy's autocast; the optimizer stepping once per
-        accumulation window; each loader yielding this rank's shard on the device.
+        ``prepare(model, optimizer, *loaders, scheduler=None, state=None)`` returns the same
+        objects in the same order (the scheduler last, if given): the model on the device,
+        wrapped in ``DistributedDataParallel`` when several processes run, compiled when
+        asked, its forward under the precision policy's autocast; the optimizer stepping once
+        per accumulation window; each loader yielding this rank's shard on the device.
+
+        ``state``: your own state to checkpoint and restore on resume, by name: dicts of plain
+        values and tensors (restored in place: the epoch, a learning rate you manage, the best
+        validation loss, an RNN's carried hidden state) or objects with ``state_dict()`` /
+        ``load_state_dict()``; see :mod:`stoker.runtime.tracked`. Checkpoints hold it as of
+        the optimizer step (update it before ``optimizer.step()``), and it is restored here,
+        before ``prepare`` returns.
         """
         if not isinstance(model, nn.Module):
             raise StokerError(
@@ -286,6 +308,15 @@ class Stoker:
                 )
         if scheduler is not None:
             prepared.append(PreparedScheduler(scheduler, self))
+        if state is not None:
+            if self._tracked is not None or self.services.state is not None:
+                raise StokerError(
+                    "prepare(state=...) was already given, or prepare() already ran: pass all "
+                    "your state to the first prepare() call, in one dict"
+                )
+            self._tracked = TrackedState(state, self.device)
+        if self._same_data is None and self.dist.enabled:
+            self._same_data = SameDataCheck(prepared[0], self.device)
         self._attach(model, scheduler)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
@@ -298,14 +329,21 @@ class Stoker:
             state[f"optimizer{i or ''}"] = optimizer
         if scheduler is not None:
             state["scheduler"] = scheduler
+        keys = ["stoker"]  # exact as of the optimizer step, see boundary.py
         for i, loader in enumerate(self._loaders):
             state[f"loader{i or ''}"] = loader
+            keys.append(f"loader{i or ''}")
+        if self._tracked is not None:
+            state["user"] = self._tracked
+            keys.append("user")
+        self._boundary_keys = tuple(keys)
         self._start_doctor()
         self.resumed_from = self.services.attach(state)
         if self.resumed_from is not None:
             self.print(f"stoker: resumed from step {self.resumed_from} ({self.services.run_dir})")
             if not self._loaders:
                 self.services.restore_rng_after_replay()
+        self._at_step_boundary()  # a checkpoint of step 0 holds the state the loop starts in
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -357,6 +395,11 @@ class Stoker:
         divided by the global token count before clipping and stepping. The count never
         leaves the device.
         """
+        if self.step != self.services._checked_step:  # an int comparison; a save when due
+            self._checkpoint_point()
+        if self._same_data is not None:
+            check, self._same_data = self._same_data, None
+            check.check(self.rank, self.world_size)
         self._finalized = False
         if tokens is None:
             self._plain_backward = True
@@ -450,6 +493,39 @@ class Stoker:
         self._tokens = None
         self._plain_backward = False
         self._finalized = False
+        self._at_step_boundary()
+
+    def _at_step_boundary(self) -> None:
+        # An int comparison or two, unless a save is due: then copy, see boundary.py.
+        state = self.services.state
+        if state is not None and self.services.due(self.step):
+            self._boundary = capture_boundary(self.step, state, self._boundary_keys)
+
+    def step_done(self) -> None:
+        """Mark an optimizer step of a loop that updates the weights itself.
+
+        A prepared optimizer counts its steps; a loop without one (word_language_model's
+        ``p.data.add_(p.grad, alpha=-lr)``) calls this right after its update, so that
+        :attr:`step` advances and periodic checkpoints, the doctor and ``stoker.log`` see the
+        step. Under :meth:`accumulate` it counts only the last micro-batch of a window
+        (update the weights only ``if stoker.sync_gradients``). Do not call it after a
+        prepared optimizer's ``step()``: that step is already counted.
+
+        Example:
+            >>> import torch
+            >>> from stoker import Stoker
+            >>> stoker = Stoker(device="cpu", precision="fp32", record=False)
+            >>> model = stoker.prepare(torch.nn.Linear(4, 2))
+            >>> stoker.backward(model(torch.randn(8, 4)).square().mean())
+            >>> with torch.no_grad():
+            ...     for p in model.parameters():
+            ...         p.add_(p.grad, alpha=-0.1)
+            >>> stoker.step_done(); model.zero_grad()
+            >>> stoker.step
+            1
+        """
+        if self.sync_gradients:
+            self._after_step()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
         """Clip the prepared models' gradients; returns the total norm as a device tensor.
@@ -516,10 +592,13 @@ class Stoker:
             if failure is None and self.dist.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
-    def _checkpoint_point(self) -> None:
-        # One integer comparison per micro-batch; a save only when one is due.
+    def _checkpoint_point(self, live: bool = False) -> None:
+        """The start of a micro-batch: write a due checkpoint (one integer comparison per
+        micro-batch otherwise). ``live``: nothing moved since the step (a prepared loader
+        about to fetch), so the live state is written; else the step's copies."""
         if self.step != self.services._checked_step:
-            self.services.after_step(self.step)
+            boundary, self._boundary = self._boundary, None
+            self.services.after_step(self.step, None if live else boundary)
 
     def _services_resumed(self) -> None:
         if self.services.pending is not None:
