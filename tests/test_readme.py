@@ -27,9 +27,12 @@ def _blocks(lang: str) -> list[str]:
     return [body for block_lang, body in _fenced() if block_lang == lang]
 
 
-def _loop_versions() -> tuple[str, str, int]:
-    """Rebuild the plain and the stoker loop from the README's diff; count changed lines."""
-    (diff,) = _blocks("diff")
+def _loop_versions(index: int = 0) -> tuple[str, str, int]:
+    """Rebuild the plain and the stoker loop from a README diff; count changed lines.
+
+    Diff 0 is "From a plain loop to a stoker loop", diff 1 "Porting an existing loop".
+    """
+    diff = _blocks("diff")[index]
     plain, ours, changed = [], [], 0
     run: list[str] = []  # signs of the current run of +/- lines
     for line in [*diff.splitlines(), " "]:
@@ -50,6 +53,24 @@ def _loop_versions() -> tuple[str, str, int]:
 def test_the_loop_diff_changes_at_most_six_lines():
     _, _, changed = _loop_versions()
     assert 0 < changed <= 6
+
+
+def test_the_port_of_word_language_model_changes_the_lines_the_readme_counts():
+    _, _, changed = _loop_versions(1)
+    assert changed == 18  # the README's text says 18
+
+
+@pytest.mark.parametrize("version", [0, 1], ids=["plain", "stoker"])
+def test_both_versions_of_the_word_language_model_port_run(version):
+    code = _loop_versions(1)[version]
+    namespace: dict = {}
+    exec(compile(code, f"README-port-{version}", "exec"), namespace)
+    assert 0 < namespace["val_loss"] < 10
+    if version == 1:
+        stoker, progress = namespace["stoker"], namespace["progress"]
+        assert progress["epoch"] == 3 and progress["i"] == 0
+        assert stoker.step == 2 * len(range(0, len(namespace["train_data"]) - 1, 8))
+        stoker.close()
 
 
 @pytest.mark.parametrize("version", [0, 1], ids=["plain", "stoker"])
