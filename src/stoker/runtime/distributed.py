@@ -152,7 +152,23 @@ def init_distributed(device: torch.device) -> DistributedContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        # Joining can stall (a gloo full-mesh connect after an elastic restart was seen
+        # waiting here on both ranks). With $STOKER_COLLECTIVE_TIMEOUT set, the join and every
+        # collective of the default group, the step's included, are bounded by it; unset, torch's
+        # defaults stand (30 min for gloo): a long rank-0-only evaluation must not fail a run.
+        timeout = (
+            datetime.timedelta(seconds=collective_timeout())
+            if os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+            else None
+        )
+        try:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        except (RuntimeError, dist.DistBackendError) as exc:  # e.g. gloo's connect timed out
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+            raise StokerError(
+                f"rank {rank} could not join the process group ({first}); under `stoker run "
+                "--max-restarts N` the agent restarts the workers"
+            ) from None
     return DistributedContext(
         rank=rank,
         local_rank=local_rank,
