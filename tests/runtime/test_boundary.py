@@ -112,3 +112,12 @@ def test_nanogpt_style_randint_loop_killed_and_resumed_is_bitwise_exact(tmp_path
     assert result.kill_steps[0] > 3
     assert result.identical, result.differences[:5]
     assert result.first_loss_difference is None
+
+
+def test_the_step_done_docstring_example_runs():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(Stoker.step_done, "step_done", globs={}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 5

@@ -2,8 +2,10 @@
 
 :class:`RunServices` is the runtime's bridge to :mod:`stoker.records` and
 :mod:`stoker.checkpoint`. It keeps the per-step cost to an integer comparison: checkpoints are
-considered once per optimizer step, at the start of the next micro-batch (after the user's
-``optimizer.step()`` and ``scheduler.step()``), never inside them.
+considered once per optimizer step and written at the start of the next micro-batch (after the
+user's ``optimizer.step()`` and ``scheduler.step()``): a prepared loader's fetch, ``accumulate()``
+or ``backward()``, whichever comes first. What must be exact as of the step itself is copied at
+the step when a save is due (see :mod:`stoker.runtime.boundary`).
 
 Resume is exact because the data order depends only on (seed, epoch) — see
 :class:`~stoker.runtime.stoker.PreparedLoader` — and the position within the epoch is replayed

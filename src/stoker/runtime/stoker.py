@@ -519,7 +519,7 @@ class Stoker:
             >>> stoker.backward(model(torch.randn(8, 4)).square().mean())
             >>> with torch.no_grad():
             ...     for p in model.parameters():
-            ...         p.add_(p.grad, alpha=-0.1)
+            ...         _ = p.add_(p.grad, alpha=-0.1)
             >>> stoker.step_done(); model.zero_grad()
             >>> stoker.step
             1
