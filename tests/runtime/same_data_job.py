@@ -1,5 +1,6 @@
-"""Run by test_same_data.py under torchrun (2 processes): one step on tensors fed by hand,
-the same on every rank, or this rank's shard with --shard. Rank 0 prints the warnings it got."""
+"""Run by test_same_data.py under torchrun (2 processes): an evaluation forward on the same
+batch everywhere, then steps on tensors fed by hand, the same on every rank, or this rank's
+shard with --shard. Rank 0 prints the warnings it got."""
 
 import argparse
 import warnings
@@ -17,6 +18,8 @@ model = torch.nn.Linear(4, 2)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 model, optimizer = stoker.prepare(model, optimizer)
 data = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():  # an evaluation on the same batch everywhere first: not a finding
+    model(data[:2])
 if args.shard:
     data = data[stoker.rank :: stoker.world_size]
 with warnings.catch_warnings(record=True) as caught:

@@ -4,9 +4,11 @@ A loop that feeds its own tensors (``torch.randint`` batches, a tensor sliced by
 on several processes gives each rank *the same* batches unless it shards them itself: the job
 does ``world_size`` times the work for the statistics of one process, silently. A prepared
 DataLoader is sharded; everything else is the loop's business, so stoker checks once: the
-first forward of the prepared model reduces its input tensors to a few numbers (on the device,
-no sync), and the first ``backward()`` all-gathers them (one small collective, once per run).
-If every rank fed the same numbers, the main rank warns, saying how to shard.
+first training forward of the prepared model reduces its input tensors to a few numbers (on
+the device, no sync; a forward under ``no_grad`` or ``eval()`` is an evaluation, where every
+rank may rightly see the same batch), and the first ``backward()`` all-gathers them (one small
+collective, once per run). If every rank fed the same numbers, the main rank warns, saying how
+to shard.
 
 Fingerprint of the inputs ``x_1 .. x_n`` (flattened, as float64), worked for one input
 ``[1, 2, 3]``: ``[tensors, elements, sum(x), sum(x^2), sum(i * x_i)]`` = ``[1, 3, 6, 14, 14]``
@@ -15,7 +17,6 @@ Fingerprint of the inputs ``x_1 .. x_n`` (flattened, as float64), worked for one
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
@@ -27,8 +28,6 @@ from torch.utils.hooks import RemovableHandle
 from stoker.runtime.nested import map_tensors
 
 __all__ = ["SameDataCheck", "SameDataWarning", "fingerprint"]
-
-log = logging.getLogger(__name__)
 
 
 class SameDataWarning(UserWarning):
@@ -58,6 +57,8 @@ class SameDataCheck:
         )
 
     def _first_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # an evaluation: every rank may rightly see the same validation batch
         found: list[torch.Tensor] = []
 
         def collect(t: torch.Tensor) -> torch.Tensor:
