@@ -11,7 +11,7 @@
 """
 
 from stoker.checkpoint.checkpointer import CheckpointConfig, Checkpointer
-from stoker.checkpoint.errors import CheckpointError, CheckpointWarning
+from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch, CheckpointWarning
 from stoker.checkpoint.manifest import Manifest, read_manifest, verify
 from stoker.checkpoint.resume import checkpoint_name, latest_valid, list_checkpoints, prune
 from stoker.checkpoint.rng import capture_rng, restore_rng
@@ -20,6 +20,7 @@ from stoker.checkpoint.store import load, save
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
+    "CheckpointMismatch",
     "CheckpointWarning",
     "Checkpointer",
     "Manifest",

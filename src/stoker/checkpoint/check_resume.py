@@ -20,7 +20,6 @@ the same number of threads in both runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -124,17 +123,13 @@ def _tail(text: str, lines: int = 15) -> str:
 def _losses(run_dir: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl; a step logged twice (replayed after a resume) keeps
     its last value. Truncated last lines (a killed writer) are ignored."""
-    path = run_dir / "metrics.jsonl"
+    from stoker.records.metrics import read_metrics
+
     out: dict[int, float] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "loss" in rec and rec.get("step") is not None:
-            out[int(rec["step"])] = float(rec["loss"])
+    for rec in read_metrics(run_dir / "metrics.jsonl"):  # a regular file, or nothing
+        step, loss = rec.get("step"), rec.get("loss")
+        if isinstance(step, int) and isinstance(loss, int | float):
+            out[step] = float(loss)
     return out
 
 

@@ -39,16 +39,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stoker.checkpoint._dist import Coordinator
-from stoker.checkpoint.errors import CheckpointError, CheckpointWarning
+from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch, CheckpointWarning
 from stoker.checkpoint.resume import (
     checkpoint_name,
-    latest_valid,
     list_checkpoints,
     prune,
     remove_leftovers,
 )
 from stoker.checkpoint.state import snapshot
-from stoker.checkpoint.store import load, write_snapshot
+from stoker.checkpoint.store import Restore, prepare_load, write_snapshot
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.distributed import CollectiveTimeout
 
@@ -61,6 +60,7 @@ ON_ERROR = ("warn", "raise")
 # with this step (before saving), on every rank or only on STOKER_FAULT_KILL_RANK.
 KILL_AT_STEP_ENV = "STOKER_FAULT_KILL_AT_STEP"
 KILL_RANK_ENV = "STOKER_FAULT_KILL_RANK"
+_REFUSED = -2  # rank 0 tells the other ranks that it refused the checkpoint (a mismatch)
 # Under torch.distributed, ranks agree on a time-triggered save every this many steps (one
 # tiny CPU all-reduce), so a checkpoint may come up to this many steps after T minutes.
 _TIME_AGREE_EVERY = 10
@@ -172,35 +172,65 @@ class Checkpointer:
         rank_state: dict[str, Any] | None = None,
         strict: bool = True,
     ) -> int | None:
-        """Load the newest checkpoint that verifies into ``state``; returns its step or None.
+        """Load the newest usable checkpoint into ``state``; returns its step or None.
 
-        Corrupt or truncated newer checkpoints are skipped with a warning naming them. Under
-        ``torch.distributed`` rank 0 chooses and every rank loads the same one.
+        Newest first, a checkpoint is skipped with a warning naming it when it fails
+        verification (corrupt, truncated, planted) or does not hold together (an optimizer
+        moment of the wrong shape, a data position past the end of its loader); the previous
+        one is tried, and nothing was restored from the skipped one. A checkpoint that is
+        intact but does not fit this run (:class:`CheckpointMismatch`: another model shape,
+        batch size or number of processes) stops the resume: the older ones of the same run
+        would not fit either. Under ``torch.distributed`` rank 0 chooses and every rank loads
+        the same one.
         """
         self.wait()
-        chosen: Path | None = None
+        restore: Restore | None = None
+        refused: CheckpointMismatch | None = None
         step = -1
         if self.rank == 0:
             remove_leftovers(self.directory)
-            chosen = latest_valid(self.directory)
-            if chosen is not None:
-                step = dict((p, s) for s, p in list_checkpoints(self.directory))[chosen]
+            for found, path in reversed(list_checkpoints(self.directory)):
+                try:
+                    restore = prepare_load(
+                        path, state, rank_state=rank_state, strict=strict, root=self.directory
+                    )
+                except CheckpointMismatch as exc:
+                    refused, step = exc, _REFUSED
+                    break
+                except CheckpointError as exc:
+                    warnings.warn(
+                        f"skipping checkpoint {path}: {exc}; trying the previous one",
+                        CheckpointWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                step = found
+                break
         step = self._coord.broadcast_int(step)
+        if refused is not None:
+            raise refused
+        if step == _REFUSED:
+            raise CheckpointMismatch(
+                f"rank {self.rank}: rank 0 refused to resume from {self.directory} (its "
+                "message says why)"
+            )
         if step < 0:
             return None
-        if chosen is None:
+        if restore is None:  # not rank 0: load the one rank 0 chose, verifying it here too
             chosen = dict(list_checkpoints(self.directory)).get(step)
             if chosen is None:
                 raise CheckpointError(
                     f"rank {self.rank} cannot see checkpoint step {step} under {self.directory}; "
                     "the checkpoint directory must be on a filesystem every rank shares"
                 )
-        # Rank 0 has just verified every checksum of `chosen`; the other ranks verify on load.
-        load(chosen, state, rank_state=rank_state, strict=strict, verify_checksums=self.rank != 0)
-        self.latest = chosen
+            restore = prepare_load(
+                chosen, state, rank_state=rank_state, strict=strict, root=self.directory
+            )
+        restore.apply()
+        self.latest = restore.directory
         self._last_step = step
         self._last_time = time.monotonic()
-        log.info("resumed from %s", chosen)
+        log.info("resumed from %s", restore.directory)
         return step
 
     # -- save ----------------------------------------------------------------------------

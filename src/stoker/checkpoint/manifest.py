@@ -4,11 +4,14 @@
 without one was never finished; a file whose size or hash differs was truncated or corrupted.
 Only files the manifest lists are ever read, and only as JSON or through the safetensors
 parser (the ``kind`` field), so a stray or planted file — a pickle, say — is never opened.
+Every file, the manifest first, is opened through :mod:`stoker.safe_files`: a FIFO, a device,
+a symlink or a checkpoint directory resolving outside ``root`` is refused, never read.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -17,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.checkpoint._files import sha256_file, write_bytes
+from stoker import safe_files
+from stoker.checkpoint._files import CHUNK, write_bytes
 from stoker.checkpoint.errors import CheckpointError
 
 __all__ = ["FORMAT", "MANIFEST", "VERSION", "FileEntry", "Manifest", "read_manifest", "verify"]
@@ -26,6 +30,7 @@ FORMAT = "stoker-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("json", "safetensors")
+MANIFEST_LIMIT = 16 << 20  # bytes; a manifest lists a few files per rank (~150 bytes each)
 # File names are flat and tame: no path separators, no "..", no hidden files.
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -69,23 +74,33 @@ class Manifest:
         return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_manifest(directory: Path) -> Manifest:
-    """Parse ``directory/manifest.json``; raises :class:`CheckpointError` if absent or malformed."""
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
+def read_manifest(directory: Path, *, root: Path | None = None) -> Manifest:
+    """Parse ``directory/manifest.json``; raises :class:`CheckpointError` if absent or malformed.
+
+    ``root``: the directory ``directory`` must resolve inside (default: itself), so a
+    ``step-N`` symlink out of the checkpoints directory is refused.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
         raise CheckpointError(
             f"{directory} is not a checkpoint directory (stoker checkpoints are directories "
             "such as step-000100/ holding a manifest.json); pass the directory"
         )
+    if root is not None and not directory.resolve().is_relative_to(Path(root).resolve()):
+        raise CheckpointError(
+            f"checkpoint {directory} resolves to {directory.resolve()}, outside {root} (a "
+            "symlink out of the checkpoints directory); it was not read"
+        )
     try:
-        doc: Any = json.loads(path.read_bytes())
+        doc: Any = safe_files.read_json(
+            path, expect=object, limit=MANIFEST_LIMIT, error=CheckpointError
+        )
     except FileNotFoundError:
         raise CheckpointError(
             f"checkpoint {directory} has no {MANIFEST}: it was never completed (the save was "
             "interrupted); use an older checkpoint"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {directory}: unreadable {MANIFEST} ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} manifest; it is not a stoker checkpoint")
     if doc.get("version") != VERSION:
@@ -105,57 +120,80 @@ def read_manifest(directory: Path) -> Manifest:
                     f"checkpoint {directory}: manifest lists {name!r} of kind {entry['kind']!r}; "
                     f"stoker only reads {KINDS} (never pickle)"
                 )
-            files[name] = FileEntry(str(entry["sha256"]), int(entry["bytes"]), str(entry["kind"]))
-        step = doc["step"]
-        return Manifest(
-            step=None if step is None else int(step),
-            world_size=int(doc["world_size"]),
-            created=str(doc["created"]),
-            files=files,
-        )
+            if not _count(entry["bytes"], 0):
+                raise CheckpointError(
+                    f"checkpoint {directory}: manifest gives {name!r} {entry['bytes']!r} bytes"
+                )
+            files[name] = FileEntry(str(entry["sha256"]), entry["bytes"], str(entry["kind"]))
+        step, world_size = doc["step"], doc["world_size"]
+        if not (step is None or _count(step, 0)) or not _count(world_size, 1):
+            raise CheckpointError(
+                f"checkpoint {directory}: manifest gives step={step!r}, world_size="
+                f"{world_size!r}; a stoker manifest has a step >= 0 and a world_size >= 1"
+            )
+        return Manifest(step=step, world_size=world_size, created=str(doc["created"]), files=files)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint {directory}: malformed {MANIFEST} ({exc!r})") from None
 
 
-def verify(directory: str | Path) -> Manifest:
-    """Check every file the manifest lists: present, right size, right SHA-256.
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
-    Returns the manifest; raises :class:`CheckpointError` naming the first bad file.
+
+def verify(directory: str | Path, *, root: Path | None = None) -> Manifest:
+    """Check every file the manifest lists: a regular file, right size, right SHA-256.
+
+    Returns the manifest; raises :class:`CheckpointError` naming the first bad file. ``root``
+    as for :func:`read_manifest`.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    for name, entry in sorted(manifest.files.items()):
-        try:
-            size = (directory / name).stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {directory}: {name} is missing") from None
-        if size != entry.bytes:
-            raise CheckpointError(
-                f"checkpoint {directory}: {name} has {size} bytes, the manifest says "
-                f"{entry.bytes} (truncated or overwritten)"
-            )
+    manifest = read_manifest(directory, root=root)
     # Files are hashed in parallel (hashlib releases the GIL): SHA-256 is the slow part of a
     # load, ~1.2 GB/s per core here.
     names = sorted(manifest.files, key=lambda n: -manifest.files[n].bytes)
     workers = max(1, min(len(names), os.cpu_count() or 1, 4))
 
-    def digest_of(name: str) -> str | None:
+    def digest_of(name: str) -> str | CheckpointError:
         try:
-            return sha256_file(directory / name)[0]
-        except OSError:
-            return None
+            return _digest(directory, name, manifest.files[name].bytes)
+        except CheckpointError as exc:
+            return exc
 
     with ThreadPoolExecutor(workers, "stoker-verify") as pool:
         digests = dict(zip(names, pool.map(digest_of, names), strict=True))
     for name, entry in sorted(manifest.files.items()):
         digest = digests[name]
-        if digest is None:
-            raise CheckpointError(f"checkpoint {directory}: {name} could not be read")
+        if isinstance(digest, CheckpointError):
+            raise digest
         if digest != entry.sha256:
             raise CheckpointError(
                 f"checkpoint {directory}: {name} fails its SHA-256 check (corrupted: "
                 f"{digest[:12]}… != {entry.sha256[:12]}…)"
             )
     return manifest
+
+
+def _digest(directory: Path, name: str, expected: int) -> str:
+    """SHA-256 of ``directory/name``, a regular file of exactly ``expected`` bytes."""
+    path = directory / name
+    try:
+        f = safe_files.open_regular(path, limit=None, error=CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {directory}: {name} is missing") from None
+    digest = hashlib.sha256()
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected:
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} has {size} bytes, the manifest says "
+                f"{expected} (truncated or overwritten)"
+            )
+        read = 0
+        while read <= expected and (chunk := f.read(CHUNK)):
+            digest.update(chunk)
+            read += len(chunk)
+    if read != expected:
+        raise CheckpointError(f"checkpoint {directory}: {name} changed while being read")
+    return digest.hexdigest()

@@ -16,7 +16,14 @@ from pathlib import Path
 from stoker.checkpoint.errors import CheckpointError, CheckpointWarning
 from stoker.checkpoint.manifest import verify
 
-__all__ = ["checkpoint_name", "latest_valid", "list_checkpoints", "prune", "remove_leftovers"]
+__all__ = [
+    "checkpoint_name",
+    "checkpoints_dir",
+    "latest_valid",
+    "list_checkpoints",
+    "prune",
+    "remove_leftovers",
+]
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -40,20 +47,28 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoints_dir(root: str | Path) -> Path:
+    """``root`` if it holds ``step-N`` checkpoints, else its ``checkpoints/`` if that exists
+    (a run directory), else ``root``."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir() and not list_checkpoints(root):
+        return root / "checkpoints"
+    return root
+
+
 def latest_valid(root: str | Path) -> Path | None:
     """The newest checkpoint under ``root`` whose files all match their manifest, or None.
 
     ``root`` is a directory of ``step-N`` checkpoints, or a run directory holding one in
     ``checkpoints/``. Each newer checkpoint that fails verification (no manifest: interrupted;
-    wrong size: truncated; wrong SHA-256: corrupted) is skipped with a
-    :class:`CheckpointWarning` naming it and the reason.
+    wrong size: truncated; wrong SHA-256: corrupted; a FIFO, a symlink, or a directory
+    resolving outside ``root``: planted) is skipped with a :class:`CheckpointWarning` naming
+    it and the reason.
     """
-    root = Path(root)
-    if (root / "checkpoints").is_dir() and not list_checkpoints(root):
-        root = root / "checkpoints"
+    root = checkpoints_dir(root)
     for _step, path in reversed(list_checkpoints(root)):
         try:
-            verify(path)
+            verify(path, root=root)
         except CheckpointError as exc:
             warnings.warn(f"skipping checkpoint {path}: {exc}", CheckpointWarning, stacklevel=2)
             continue
@@ -80,26 +95,25 @@ def prune(root: str | Path, keep_last: int, *, protect: Path | None = None) -> l
 
 
 def remove_leftovers(root: str | Path) -> list[Path]:
-    """Clean up after a save that crashed; returns the directories deleted.
+    """Delete what crashed saves left behind; returns what was deleted.
 
-    ``.tmp-<name>`` (a save that never finished) is deleted. ``.old-<name>-<pid>`` (the previous
-    checkpoint of that name, moved aside while being replaced) is moved back if ``<name>`` is
-    missing, else deleted.
+    ``.tmp-<name>`` is a save that never finished; ``.old-<name>-<pid>`` a previous checkpoint
+    of that name, moved aside while being replaced. Neither is ever renamed into a checkpoint:
+    nothing on disk proves who wrote it (a planted ``.old-step-00000500-1`` would otherwise be
+    promoted and loaded). The only process that may put an ``.old-*`` back is the one that
+    moved it, when its own rename fails (``store._publish``); after a crash between its two
+    renames, resuming uses the newest ``step-N`` that remains.
     """
     root = Path(root)
     if not root.is_dir():
         return []
     gone = []
     for child in sorted(root.iterdir()):
-        if not child.is_dir():
+        if not child.name.startswith((".tmp-", ".old-")):
             continue
-        if child.name.startswith(".old-"):
-            original = root / child.name.removeprefix(".old-").rpartition("-")[0]
-            if not original.exists():
-                child.rename(original)
-                continue
-        elif not child.name.startswith(".tmp-"):
-            continue
-        shutil.rmtree(child, ignore_errors=True)
+        if child.is_symlink() or not child.is_dir():
+            child.unlink(missing_ok=True)  # never follow a link into someone else's files
+        else:
+            shutil.rmtree(child, ignore_errors=True)
         gone.append(child)
     return gone

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "check_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -30,6 +30,26 @@ def capture_rng() -> dict[str, Any]:
     if mps is not None and torch.backends.mps.is_available():
         state["mps"] = mps.get_rng_state()
     return state
+
+
+def check_rng(state: Any) -> None:
+    """Raise ``TypeError`` / ``ValueError`` unless :func:`restore_rng` would accept ``state``.
+
+    Each state is put into a throwaway generator of its kind, so a malformed one is found
+    before any of the process's generators (or anything else) is touched.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"RNG state is a {type(state).__name__}, not a dict")
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        np.random.RandomState().set_state(tuple(state["numpy"]))
+    if "torch" in state:
+        try:
+            torch.Generator().set_state(state["torch"])
+        except RuntimeError as exc:  # wrong size or dtype
+            raise ValueError(f"torch RNG state: {exc}") from None
 
 
 def restore_rng(state: dict[str, Any]) -> None:

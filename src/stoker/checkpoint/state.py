@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stoker import safe_files
 from stoker.checkpoint import _tree
 from stoker.checkpoint.errors import CheckpointError
 from stoker.checkpoint.rng import capture_rng
@@ -46,6 +47,7 @@ __all__ = [
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
+JSON_LIMIT = 256 << 20  # bytes; JSON holds structure (tensors live in safetensors), a few MB
 _ALIASES = "stoker.aliases"
 _COPY_CHUNK = 16 << 20  # bytes per copy job of an async snapshot
 _TAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}")
@@ -286,13 +288,13 @@ def snapshot(
 # ------------------------------------------------------------------------------------ read
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, *, expect: type = dict, limit: int = JSON_LIMIT) -> Any:
+    """A checkpoint's JSON file: a regular file of at most ``limit`` bytes whose top level is
+    ``expect`` (see :mod:`stoker.safe_files`)."""
     try:
-        return json.loads(path.read_bytes())
+        return safe_files.read_json(path, expect=expect, limit=limit, error=CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is unreadable JSON ({exc})") from None
 
 
 def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -300,13 +302,23 @@ def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, to
     from safetensors import safe_open
 
     try:
+        safe_files.check_regular(path, error=CheckpointError)  # the parser maps it by name
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
             metadata = f.metadata() or {}
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
         raise CheckpointError(f"checkpoint file {path} is not valid safetensors ({exc})") from None
-    for alias, target in json.loads(metadata.get(_ALIASES, "{}")).items():
-        tensors[alias] = tensors[target]
+    try:
+        aliases = json.loads(metadata.get(_ALIASES, "{}"))
+        for alias, target in aliases.items():
+            tensors[alias] = tensors[target]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise CheckpointError(
+            f"checkpoint file {path} has malformed {_ALIASES} metadata; it is not a file "
+            "stoker wrote"
+        ) from None
     return tensors

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ from torch import nn
 from stoker.checkpoint import _tree
 from stoker.checkpoint._dist import Coordinator
 from stoker.checkpoint._files import fsync_dir, sha256_file, write_bytes, write_safetensors
-from stoker.checkpoint.errors import CheckpointError, CheckpointWarning
+from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch, CheckpointWarning
 from stoker.checkpoint.manifest import FileEntry, Manifest, read_manifest, verify
-from stoker.checkpoint.rng import restore_rng
+from stoker.checkpoint.rng import check_rng, restore_rng
 from stoker.checkpoint.state import (
     STATE_JSON,
     STATE_TENSORS,
@@ -51,8 +52,9 @@ from stoker.checkpoint.state import (
     snapshot,
     unwrap_module,
 )
+from stoker.errors import StokerError
 
-__all__ = ["load", "save", "write_snapshot"]
+__all__ = ["Restore", "load", "prepare_load", "save", "write_snapshot"]
 
 
 def save(
@@ -190,37 +192,287 @@ def _publish(tmp: Path, directory: Path) -> None:
         return
     # Replacing an existing checkpoint of the same name: rename() cannot replace a non-empty
     # directory, so move the old one aside first; it is deleted only after the new one is in.
+    # Only this call may put it back (its own rename failed): a ``.old-*`` directory found
+    # later is never promoted, since nothing proves who wrote it (see remove_leftovers).
     old = directory.parent / f".old-{directory.name}-{os.getpid()}"
     os.rename(directory, old)
-    os.rename(tmp, directory)
+    try:
+        os.rename(tmp, directory)
+    except OSError:
+        os.rename(old, directory)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ load
 
 
-def _load_module(
-    module: nn.Module, path: Path, extra: Mapping[str, Any], key: str, strict: bool
+def _fits(saved: torch.Size, param: torch.Size) -> bool:
+    # A per-parameter optimizer tensor has the parameter's shape, or a shape broadcasting to
+    # it in place (Adafactor's factored row / column variances: (n, 1) and (1, m) for (n, m)).
+    return len(saved) == len(param) and all(a in (b, 1) for a, b in zip(saved, param, strict=True))
+
+
+def _check_module(
+    module: nn.Module, weights: Mapping[str, Any], directory: Path, key: str, strict: bool
 ) -> None:
-    weights: dict[str, Any] = dict(read_tensors(path))
-    weights.update(extra)
-    target = unwrap_module(module)
-    try:
-        result = target.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise CheckpointError(
-            f"checkpoint {path.parent}: {key!r} does not fit the model ({detail}); "
-            "build the model with the configuration that produced the checkpoint"
-        ) from None
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise CheckpointError(
-            f"checkpoint {path.parent}: {key!r} does not match the model: missing "
-            f"{result.missing_keys[:5]}{'…' if len(result.missing_keys) > 5 else ''}, unexpected "
-            f"{result.unexpected_keys[:5]}{'…' if len(result.unexpected_keys) > 5 else ''}; "
+    """Refuse weights that do not fit ``module`` before anything is copied into it."""
+    expected = unwrap_module(module).state_dict()
+    wrong = [
+        f"{name}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}"
+        for name, t in weights.items()
+        if isinstance(t, torch.Tensor)
+        and isinstance(expected.get(name), torch.Tensor)
+        and t.shape != expected[name].shape
+    ]
+    if wrong:
+        more = f"; {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: {key!r} does not fit the model ({'; '.join(wrong[:3])}"
+            f"{more}); build the model with the configuration that produced the checkpoint"
+        )
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if strict and (missing or unexpected):
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: {key!r} does not match the model: missing "
+            f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}; "
             "pass strict=False to load what matches"
         )
+
+
+def _check_optimizer(
+    optimizer: torch.optim.Optimizer, saved: Any, directory: Path, key: str
+) -> None:
+    """Refuse optimizer state that does not fit ``optimizer``'s parameters.
+
+    torch checks the number of parameters per group but not the shapes of the per-parameter
+    tensors (Adam's moments, SGD's momentum): a wrong one loads, and fails at the first
+    ``optimizer.step()``, or worse, broadcasts.
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {directory}: {key!r} is not an optimizer state")
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {directory}: {key!r} is not an optimizer state")
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    current = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != current:
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: {key!r} holds {sizes} parameters per group, the optimizer "
+            f"has {current}; build the optimizer over the same parameters as the run that saved it"
+        )
+    # LBFGS keeps flat vectors over all its parameters under the first one.
+    if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.LBFGS):
+        return
+    params = {
+        pid: p
+        for saved_group, group in zip(groups, optimizer.param_groups, strict=True)
+        for pid, p in zip(saved_group["params"], group["params"], strict=True)
+    }
+    for pid, entry in state.items():
+        if not isinstance(entry, dict) or pid not in params:
+            continue
+        param = params[pid]
+        for name, t in entry.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and not _fits(t.shape, param.shape):
+                raise CheckpointError(
+                    f"checkpoint {directory}: {key!r} holds {name!r} of shape {tuple(t.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}; the checkpoint is "
+                    "inconsistent (damaged, or not written by this model's run)"
+                )
+
+
+class Restore:
+    """A checkpoint read, decoded and checked against the live objects; :meth:`apply` puts it
+    into them. Nothing is touched before ``apply``, so a checkpoint refused while preparing
+    leaves every object as it was (and a resume can fall back to an older one)."""
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.rest: dict[str, Any] = {}
+        self._actions: list[tuple[str, Any]] = []
+
+    def _then(self, what: str, action: Any) -> None:
+        self._actions.append((what, action))
+
+    def apply(self) -> dict[str, Any]:
+        """Restore the objects in place; returns the entries nobody asked for."""
+        for what, action in self._actions:
+            try:
+                action()
+            except StokerError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {self.directory}: restoring {what} failed ({exc!r}); the objects "
+                    "before it are already restored: restart the process before retrying"
+                ) from None
+        return self.rest
+
+
+def prepare_load(
+    directory: str | Path,
+    state: dict[str, Any],
+    *,
+    rank_state: dict[str, Any] | None = None,
+    strict: bool = True,
+    verify_checksums: bool = True,
+    rng: bool = True,
+    root: Path | None = None,
+) -> Restore:
+    """Read, decode and check a checkpoint for ``state`` (see :func:`load`); touches nothing.
+
+    Raises :class:`CheckpointMismatch` when the checkpoint is intact but does not fit (keys,
+    module shapes, optimizer groups, or an object's own ``check_state_dict``), and
+    :class:`CheckpointError` when it is damaged or inconsistent.
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file; stoker checkpoints are directories (step-000100/) and are "
+            "never read with pickle. For a torch.save file use "
+            "torch.load(path, weights_only=True) yourself"
+        )
+    manifest = (
+        verify(directory, root=root) if verify_checksums else read_manifest(directory, root=root)
+    )
+    for required in (STATE_JSON, STATE_TENSORS):
+        if required not in manifest.files:
+            raise CheckpointError(f"checkpoint {directory}: manifest does not list {required}")
+
+    def listed(name: str) -> Path:
+        if name not in manifest.files:
+            raise CheckpointError(f"checkpoint {directory}: {name} is not in its manifest")
+        return directory / name
+
+    doc = read_json(directory / STATE_JSON, limit=manifest.files[STATE_JSON].bytes)
+    entries = doc.get("entries")
+    if not isinstance(entries, dict) or not all(
+        isinstance(e, dict) and e.get("kind") in ("module", "stateful", "data")
+        for e in entries.values()
+    ):
+        raise CheckpointError(
+            f"checkpoint {directory}: {STATE_JSON} has no valid 'entries'; it is not a file "
+            "stoker wrote"
+        )
+    missing = [k for k in state if k not in entries]
+    if missing and strict:
+        raise CheckpointMismatch(
+            f"checkpoint {directory} has no {missing}; it holds {sorted(entries)}; "
+            "pass strict=False to skip them"
+        )
+    restore = Restore(directory, manifest)
+    tensors = read_tensors(listed(STATE_TENSORS))
+    # Modules first: a changed model is a mismatch, whatever the order of the state's keys.
+    keys = sorted(
+        (k for k in state if k in entries), key=lambda k: not isinstance(state[k], nn.Module)
+    )
+    try:
+        for key in keys:
+            _prepare_entry(restore, state, key, entries[key], tensors, listed, strict)
+        for key, entry in entries.items():
+            if key not in state:
+                restore.rest[key] = (
+                    read_tensors(listed(entry["file"]))
+                    if entry["kind"] == "module"
+                    else _tree.decode(entry["data"], tensors)
+                )
+        _prepare_rank(restore, manifest.world_size, listed, rank_state, rng)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+        if isinstance(exc, StokerError):
+            raise
+        raise CheckpointError(
+            f"checkpoint {directory}: malformed state ({type(exc).__name__}: {exc})"
+        ) from None
+    return restore
+
+
+def _prepare_entry(
+    restore: Restore,
+    state: dict[str, Any],
+    key: str,
+    entry: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    listed: Any,
+    strict: bool,
+) -> None:
+    directory, kind, obj = restore.directory, entry["kind"], state[key]
+    if isinstance(obj, nn.Module):
+        if kind != "module":
+            raise CheckpointMismatch(
+                f"checkpoint {directory}: {key!r} was saved as {kind}, not a module"
+            )
+        weights: dict[str, Any] = dict(read_tensors(listed(entry["file"])))
+        weights.update(_tree.decode(entry["extra"], tensors))
+        _check_module(obj, weights, directory, key, strict)
+        target = unwrap_module(obj)
+        restore._then(repr(key), lambda: target.load_state_dict(weights, strict=False))
+        return
+    if kind == "module":
+        data: Any = read_tensors(listed(entry["file"]))
+    else:
+        data = _tree.decode(entry["data"], tensors)
+    if not is_stateful(obj):
+        restore._then(repr(key), lambda: state.__setitem__(key, data))
+        return
+    if isinstance(obj, torch.optim.Optimizer):
+        _check_optimizer(obj, data, directory, key)
+    check = getattr(obj, "check_state_dict", None)
+    if callable(check):
+        try:
+            check(data)
+        except CheckpointError as exc:  # the object says what; say which checkpoint and key
+            raise type(exc)(f"checkpoint {directory}: {key!r}: {exc}") from None
+    restore._then(repr(key), lambda: obj.load_state_dict(data))
+
+
+def _prepare_rank(
+    restore: Restore,
+    saved_world: int,
+    listed: Any,
+    rank_state: dict[str, Any] | None,
+    rng: bool,
+) -> None:
+    rank = torch.distributed.get_rank() if _dist_on() else 0
+    stem = rank_stem(rank)
+    if rank >= saved_world:
+        directory = restore.directory
+
+        def keep_rng() -> None:
+            warnings.warn(
+                f"checkpoint {directory} was saved by {saved_world} processes; rank {rank} has "
+                "no RNG state there and keeps its current one (resumed runs on a different "
+                "number of processes are not bitwise exact)",
+                CheckpointWarning,
+                stacklevel=4,
+            )
+
+        restore._then("the RNG states", keep_rng)
+        return
+    tree = read_json(listed(f"{stem}.json"), limit=restore.manifest.files[f"{stem}.json"].bytes)
+    per_rank = _tree.decode(tree, read_tensors(listed(f"{stem}.safetensors")))
+    saved_rng, saved_state = per_rank.get("rng"), per_rank.get("rank_state")
+    if rng and saved_rng is not None:
+        check_rng(saved_rng)
+        restore._then("the RNG states", lambda: restore_rng(saved_rng))
+    if rank_state is not None and saved_state is not None:
+        if not isinstance(saved_state, dict):
+            raise TypeError(f"rank_state is a {type(saved_state).__name__}, not a dict")
+
+        def put_rank_state() -> None:
+            for key, obj in list(rank_state.items()):
+                if key in saved_state:
+                    if is_stateful(obj):
+                        obj.load_state_dict(saved_state[key])
+                    else:
+                        rank_state[key] = saved_state[key]
+            for key, value in saved_state.items():
+                rank_state.setdefault(key, value)
+
+        restore._then("the per-rank state", put_rank_state)
 
 
 def load(
@@ -241,105 +493,19 @@ def load(
     ``rank_state`` (a dict) is updated with this rank's per-process data.
 
     Every file is checked against the manifest's SHA-256 first (``verify_checksums``), and only
-    read through ``json`` or ``safetensors``: loading a checkpoint never runs code.
+    read through ``json`` or ``safetensors``: loading a checkpoint never runs code. Everything
+    is decoded and checked before any object is touched: module shapes, optimizer state
+    against its parameters, RNG states, and whatever an object's own ``check_state_dict(state)``
+    refuses (stoker's loaders check their position and batch size this way).
     """
-    directory = Path(directory)
-    if directory.is_file():
-        raise CheckpointError(
-            f"{directory} is a file; stoker checkpoints are directories (step-000100/) and are "
-            "never read with pickle. For a torch.save file use "
-            "torch.load(path, weights_only=True) yourself"
-        )
-    manifest = verify(directory) if verify_checksums else read_manifest(directory)
-    for required in (STATE_JSON, STATE_TENSORS):
-        if required not in manifest.files:
-            raise CheckpointError(f"checkpoint {directory}: manifest does not list {required}")
-    entries: dict[str, Any] = read_json(directory / STATE_JSON)["entries"]
-    tensors = read_tensors(directory / STATE_TENSORS)
-
-    def listed(name: str) -> Path:
-        if name not in manifest.files:
-            raise CheckpointError(f"checkpoint {directory}: {name} is not in its manifest")
-        return directory / name
-
-    missing = [k for k in state if k not in entries]
-    if missing and strict:
-        raise CheckpointError(
-            f"checkpoint {directory} has no {missing}; it holds {sorted(entries)}; "
-            "pass strict=False to skip them"
-        )
-    try:
-        for key, obj in state.items():
-            if key not in entries:
-                continue
-            entry = entries[key]
-            kind = entry["kind"]
-            if isinstance(obj, nn.Module):
-                if kind != "module":
-                    raise CheckpointError(
-                        f"checkpoint {directory}: {key!r} was saved as {kind}, not a module"
-                    )
-                extra = _tree.decode(entry["extra"], tensors)
-                _load_module(obj, listed(entry["file"]), extra, key, strict)
-            elif is_stateful(obj):
-                if kind == "module":
-                    obj.load_state_dict(read_tensors(listed(entry["file"])))
-                else:
-                    obj.load_state_dict(_tree.decode(entry["data"], tensors))
-            elif kind == "module":
-                state[key] = read_tensors(listed(entry["file"]))
-            else:
-                state[key] = _tree.decode(entry["data"], tensors)
-        rest: dict[str, Any] = {}
-        for key, entry in entries.items():
-            if key in state:
-                continue
-            if entry["kind"] == "module":
-                rest[key] = read_tensors(listed(entry["file"]))
-            else:
-                rest[key] = _tree.decode(entry["data"], tensors)
-        _load_rank(directory, manifest.world_size, listed, rank_state, rng)
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint {directory}: malformed state ({exc!r})") from None
-    return rest
-
-
-def _load_rank(
-    directory: Path,
-    saved_world: int,
-    listed: Any,
-    rank_state: dict[str, Any] | None,
-    rng: bool,
-) -> None:
-    import warnings
-
-    rank = torch.distributed.get_rank() if _dist_on() else 0
-    stem = rank_stem(rank)
-    if rank >= saved_world:
-        warnings.warn(
-            f"checkpoint {directory} was saved by {saved_world} processes; rank {rank} has no "
-            "RNG state there and keeps its current one (resumed runs on a different number of "
-            "processes are not bitwise exact)",
-            CheckpointWarning,
-            stacklevel=3,
-        )
-        return
-    tree = read_json(listed(f"{stem}.json"))
-    per_rank = _tree.decode(tree, read_tensors(listed(f"{stem}.safetensors")))
-    if rng and per_rank.get("rng") is not None:
-        restore_rng(per_rank["rng"])
-    if rank_state is not None and per_rank.get("rank_state") is not None:
-        saved = per_rank["rank_state"]
-        for key, obj in list(rank_state.items()):
-            if key in saved:
-                if is_stateful(obj):
-                    obj.load_state_dict(saved[key])
-                else:
-                    rank_state[key] = saved[key]
-        for key, value in saved.items():
-            rank_state.setdefault(key, value)
+    return prepare_load(
+        directory,
+        state,
+        rank_state=rank_state,
+        strict=strict,
+        verify_checksums=verify_checksums,
+        rng=rng,
+    ).apply()
 
 
 def _dist_on() -> bool:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stoker import safe_files
+from stoker.errors import StokerError
 from stoker.records import git as _git
 from stoker.records.record import PATCH, read_record
 
@@ -72,8 +74,9 @@ def _read_patch(run_dir: Path, record: dict[str, Any]) -> str:
     if not name:
         return ""
     try:
-        return (run_dir / PATCH).read_text(encoding="utf-8", errors="surrogateescape")
-    except OSError:
+        with safe_files.open_regular(run_dir / PATCH, limit=None) as f:
+            return f.read().decode("utf-8", errors="surrogateescape")
+    except (OSError, StokerError):  # absent, or not a file the run wrote
         return ""
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stoker import safe_files
 from stoker.errors import StokerError
 from stoker.records.record import METRICS, RECORD, pid_start_time, read_record
 from stoker.records.rundir import runs_root
@@ -71,12 +72,12 @@ def tail_metrics(run_dir: Path, max_bytes: int = 1 << 16) -> tuple[int | None, d
     """``(last step, newest value of each metric)`` from the end of ``metrics.jsonl``."""
     path = Path(run_dir) / METRICS
     try:
-        with open(path, "rb") as f:
+        with safe_files.open_regular(path, limit=None) as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))
-            chunk = f.read().decode("utf-8", errors="replace")
-    except OSError:
+            chunk = f.read(max_bytes).decode("utf-8", errors="replace")
+    except (OSError, StokerError):  # absent, or not a file the run wrote (a FIFO, a symlink)
         return None, {}
     last: dict[str, Any] = {}
     step = None
@@ -137,8 +138,8 @@ class RunInfo:
         return None if end is None else max(0.0, (end - self.started).total_seconds())
 
 
-def run_info(run_dir: Path) -> RunInfo:
-    record = read_record(run_dir)
+def run_info(run_dir: Path, *, root: Path | None = None) -> RunInfo:
+    record = read_record(run_dir, root=root)
     step, last = tail_metrics(run_dir)
     summary = record.get("summary") or {}
     if step is None:
@@ -168,7 +169,7 @@ def list_runs(root: str | Path | None = None) -> list[RunInfo]:
     for child in sorted(base.iterdir()):
         if child.is_dir() and (child / RECORD).is_file():
             try:
-                runs.append(run_info(child))
+                runs.append(run_info(child, root=base))  # not a run linked in from elsewhere
             except (OSError, ValueError):
                 continue
     runs.sort(key=lambda r: (r.record.get("started") or "", r.id))

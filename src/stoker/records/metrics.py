@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from stoker import safe_files
 from stoker.errors import StokerError
 
 __all__ = ["MetricsLogger", "read_metrics"]
@@ -181,7 +182,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete lines of a ``metrics.jsonl`` (a torn last line is skipped)."""
     out: list[dict[str, Any]] = []
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        # A regular file (a FIFO or a symlink to a device is refused); any size.
+        with safe_files.open_regular(path, limit=None) as f:
+            text = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return out
     for line in text.splitlines():

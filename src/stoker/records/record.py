@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from stoker import safe_files
+
 __all__ = [
     "RECORD",
     "SCHEMA",
@@ -47,6 +49,7 @@ PATCH = "code.patch"
 METRICS = "metrics.jsonl"
 CONSOLE = "console.log"
 SCHEMA = 1
+RECORD_LIMIT = 16 << 20  # bytes; a record is a few KB (its traceback is capped at 20 KB)
 STATUSES = ("running", "finished", "failed", "killed")
 
 
@@ -109,9 +112,8 @@ def write_record(run_dir: Path, record: Mapping[str, Any], *, durable: bool = Fa
     os.replace(tmp, path)
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    """The parsed ``record.json`` of ``run_dir``; raises OSError / ValueError if unreadable."""
-    doc = json.loads((Path(run_dir) / RECORD).read_text(encoding="utf-8"))
-    if not isinstance(doc, dict):
-        raise ValueError(f"{run_dir / RECORD} is not a JSON object")
-    return doc
+def read_record(run_dir: Path, *, root: Path | None = None) -> dict[str, Any]:
+    """The parsed ``record.json`` of ``run_dir``; raises OSError if it cannot be opened, and
+    :class:`~stoker.errors.StokerError` (a ValueError) if it is not a regular file of at most
+    16 MiB holding a JSON object, or (with ``root``) resolves outside ``root``."""
+    return safe_files.read_json(Path(run_dir) / RECORD, expect=dict, limit=RECORD_LIMIT, root=root)
