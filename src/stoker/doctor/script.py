@@ -22,7 +22,14 @@ from stoker.doctor.report import Report
 from stoker.doctor.session import Doctor, DoctorConfig, WindowComplete
 from stoker.errors import StokerError
 
-__all__ = ["diagnose_script"]
+__all__ = ["ScriptFailed", "diagnose_script"]
+
+
+class ScriptFailed(StokerError):
+    """The diagnosed script itself failed: ``stoker doctor`` exits 1, as ``python script.py``
+    would (2 is for its own usage errors)."""
+
+    exitcode = 1
 
 
 def _where(exc: BaseException, script: str) -> str:
@@ -47,6 +54,11 @@ def diagnose_script(
     """
     config = config or DoctorConfig(stop_after_window=True)
     script = os.path.abspath(os.fspath(path))
+    if os.path.isdir(script):
+        raise StokerError(
+            f"{os.fspath(path)!r} is a directory, not a script; pass the path of a Python file "
+            f"(e.g. {os.path.join(os.fspath(path), 'train.py')})"
+        )
     if not os.path.isfile(script):
         raise StokerError(f"no such script: {os.fspath(path)!r}; pass the path of a Python file")
     if config.stop_after_window and config.attribution_steps == 0 and config.window_steps == 0:
@@ -86,7 +98,7 @@ def diagnose_script(
             if isinstance(crash, SystemExit)
             else f"raised {type(crash).__name__}{_where(crash, script)}"
         )
-        raise StokerError(
+        raise ScriptFailed(
             f"{name} {what} after {doctor.steps} training step(s), before the doctor's window "
             f"was complete (it needs {config.total_steps}); fix the script, or lower "
             "--warmup/--steps to diagnose the steps it does run"

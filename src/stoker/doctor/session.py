@@ -13,6 +13,7 @@ Timeline for the default config (5 warm-up, 5 profiled, 2 attribution steps)::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -408,13 +409,22 @@ class Doctor:
         )
         with _native_stderr_silenced():
             self._prof.__enter__()
+        # A profiler still running when the interpreter exits crashes it: its C++ state is
+        # destroyed after Python's (SIGSEGV, exit 139, in place of the script's own error).
+        # Whatever ends the program inside the window, the profiler is stopped first.
+        atexit.register(self._stop_at_exit)
         self._undo_window = hooks.install_window(self)
         self.in_window = True
         self._t_last = time.perf_counter()
         self._next = self.steps + 1
 
+    def _stop_at_exit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.detach()
+
     def _stop_profiler(self) -> None:
         self.in_window = False
+        atexit.unregister(self._stop_at_exit)
         if self._undo_window is not None:
             self._undo_window()
             self._undo_window = None

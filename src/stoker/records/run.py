@@ -322,10 +322,13 @@ def start_run(
         except (OSError, ValueError):
             previous = None
     if previous is not None:
-        # A restart (elastic, or resume="auto" into the same directory): same run, new attempt.
+        # A restart (elastic, or resume="auto" into the same directory): same run, new attempt,
+        # recorded with this attempt's config, settings and world size (the runtime adds what
+        # changed since the checkpoint it resumed from, see RunServices.attach).
         record = previous
         record.setdefault("attempts", []).append(attempt)
-        record.update(status="running", ended=None, error=None)
+        record.update(status="running", ended=None, error=None, world_size=world_size)
+        record.update(config=jsonable(user_config), settings=jsonable(settings))
     else:
         git_state = None
         if config.save_code:

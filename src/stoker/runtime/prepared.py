@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler"]
 
+_END = object()  # what next() returns once a replayed epoch runs out
+
 
 def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     """``batch`` on ``device``, every container kept as its own type (see ``map_tensors``)."""
@@ -182,7 +184,8 @@ class PreparedLoader:
         iterator = iter(self.loader)
         skip, self._skip = self._skip, 0
         for _ in range(skip):  # replay to the resumed position, see the class docstring
-            next(iterator, None)
+            if next(iterator, _END) is _END:
+                break
         self.position = skip
         stoker._services_resumed()
         while True:
@@ -196,10 +199,61 @@ class PreparedLoader:
         self.epoch += 1
         self.position = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def _batch_size(self) -> int | None:
+        size = self.loader.batch_size
+        return size if size is not None else getattr(self.loader.batch_sampler, "batch_size", None)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def _batches(self) -> int | None:
+        try:
+            return len(self.loader)
+        except TypeError:  # an IterableDataset without __len__
+            return None
+
+    def state_dict(self) -> dict[str, Any]:
+        # The position counts batches: the batch size and the batches per epoch say in what.
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self._batch_size(),
+            "batches": self._batches(),
+        }
+
+    def check_state_dict(self, state: Any) -> None:
+        """Refuse a saved position this loader cannot replay exactly (before anything loads):
+        another batch size or number of batches per epoch (a :class:`CheckpointMismatch`), or
+        a position that is not within the epoch (the checkpoint is inconsistent)."""
+        from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch
+
+        def count(key: str) -> int:
+            value = state.get(key) if isinstance(state, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(f"the loader's {key} is {value!r}, not a count")
+            return value
+
+        epoch, position = count("epoch"), count("position")
+        where = f"{position} batches into epoch {epoch}"
+        start_over = "or start over with resume='never' or a new run directory"
+        was, now = state.get("batch_size"), self._batch_size()
+        if "batch_size" in state and was != now:
+            raise CheckpointMismatch(
+                f"the loader was saved {where} with batch_size={was}; this one has "
+                f"batch_size={now}, so replaying the position would land on other samples; "
+                f"resume with batch_size={was}, {start_over}"
+            )
+        was, now = state.get("batches"), self._batches()
+        if "batches" in state and was != now:
+            raise CheckpointMismatch(
+                f"the loader was saved {where} of {was} batches per epoch; this one has {now} "
+                "(the data or its sharding changed), so replaying the position would land on "
+                f"other samples; resume with the same data, {start_over}"
+            )
+        if now is not None and position > now:
+            raise CheckpointError(
+                f"the loader's position, {where}, is past the end of its {now} batches per "
+                "epoch; the checkpoint is inconsistent"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._skip = int(state["position"])
 

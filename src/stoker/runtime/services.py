@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from stoker.errors import StokerError
 from stoker.runtime.boundary import StepBoundary, written_as_of
+from stoker.runtime.setup import RunSetup
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
@@ -56,6 +57,8 @@ class RunServices:
     ) -> None:
         from stoker.records import RecordConfig, start_run
 
+        self.setup = RunSetup(settings, user_config)
+        """This run's settings and config, compared with a resumed checkpoint's."""
         self.run: Run | None = None
         if record is not False:
             config = record if isinstance(record, RecordConfig) else RecordConfig()
@@ -118,12 +121,29 @@ class RunServices:
         self.checkpointer.directory = self._checkpoint_dir()
         if step is None:
             return None
+        self._record_resume(step)
         # The generators are back at their state of the checkpoint; the data pipeline is
         # replayed to its position first (that replay draws random numbers), then they are
         # put back again, see `restore_rng_after_replay`.
         self.pending = _Pending(rng=capture_rng())
         self._checked_step = step
         return step
+
+    def _record_resume(self, step: int) -> None:
+        """``record.json``: which checkpoint this attempt resumed from and what changed since
+        (``{"settings.precision": {"was": "fp32", "now": "bf16"}}``; the refused changes never
+        get here, see :mod:`stoker.runtime.setup`)."""
+        if self.run is None or not self.run.enabled or self.checkpointer is None:
+            return
+        resumed = {
+            "step": step,
+            "checkpoint": str(self.checkpointer.latest),
+            "changed": self.setup.changes(),
+        }
+        attempts = list(self.run.record.get("attempts") or [])
+        if attempts:
+            attempts[-1] = {**attempts[-1], "resumed_from": resumed}
+        self.run.update(resumed_from=resumed, attempts=attempts)
 
     def restore_rng_after_replay(self) -> None:
         from stoker.checkpoint import restore_rng
@@ -162,13 +182,15 @@ class RunServices:
 
     # -- the end ----------------------------------------------------------------------------
     def close(self, step: int, *, failed: bool) -> None:
-        """Final checkpoint at ``step`` (none for a failed run: its state may be broken);
-        background writes finished."""
+        """Final checkpoint at ``step`` (none for a failed run: its state may be broken, nor at
+        step 0); background writes finished."""
         if self._closed:
             return
         self._closed = True
         if self.checkpointer is not None:
-            if not failed and self.state is not None:
+            # No step taken, nothing to keep: a checkpoint of step 0 only when asked for
+            # (save_checkpoint()) or due by the config.
+            if not failed and self.state is not None and step > 0:
                 self.checkpointer.save(step, self.state)
             self.checkpointer.close()
 

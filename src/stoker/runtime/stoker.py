@@ -580,6 +580,8 @@ class Stoker:
             self.services.close(self.step, failed=failure is not None)
             if failure is None:  # a failed run has nothing to diagnose
                 self._doctor_report()
+            elif self.doctor is not None:  # but its profiler must not outlive the run
+                self.doctor.detach()
             # A failed rank leaves at once (its peers fail in turn, and torchrun restarts the
             # job); the others wait for each other, for at most STOKER_COLLECTIVE_TIMEOUT.
             if failure is None and self.dist.group is not None and dist.is_initialized():
@@ -605,20 +607,29 @@ class Stoker:
             self.services.restore_rng_after_replay()
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counters and the grad scaler: what a checkpoint needs of the runtime."""
+        """Step counters, the grad scaler and the setup (see :mod:`stoker.runtime.setup`):
+        what a checkpoint needs of the runtime."""
         state: dict[str, Any] = {
             "step": self.step,
             "micro_step": self._micro_step,
             "skipped_steps": self.skipped_steps,
+            "setup": self.services.setup.state_dict(),
         }
         if self._scaler is not None:
             state["scaler"] = self._scaler.state_dict()
         return state
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another world size or seed (before anything is loaded)."""
+        self.services.setup.check(state.get("setup"))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self._micro_step = int(state["micro_step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.services.setup.restored(state.get("setup"))
+        if "settings.accumulation_steps" in self.services.setup.changes():
+            self._micro_step = self.step * self.accumulation_steps  # a window starts here
         if self._scaler is not None and "scaler" in state:
             self._scaler.load_state_dict(state["scaler"])
 
