@@ -121,3 +121,19 @@ def test_the_step_done_docstring_example_runs():
     for test in doctest.DocTestFinder().find(Stoker.step_done, "step_done", globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 5
+
+
+def test_a_save_due_only_since_the_step_is_not_written_from_moved_state(monkeypatch):
+    # every_minutes elapsing between optimizer.step() and the next backward(): no copies were
+    # taken at the step, and the state has moved since, so the save waits for a step.
+    config = CheckpointConfig(every_minutes=1e-9, keep_last=None)
+    stoker = Stoker(device="cpu", precision="fp32", checkpoint=config, resume="never")
+    monkeypatch.setattr(stoker.services, "due", lambda step: False)  # "not due at the step"
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = stoker.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        stoker.backward(model(torch.randn(8, 4)).square().mean())
+        optimizer.step()
+        optimizer.zero_grad()
+    stoker.close()
+    assert _steps(stoker) == [3]  # only the final one

@@ -158,14 +158,20 @@ class RunServices:
             return False
         return self.checkpointer.due(step)
 
-    def after_step(self, step: int, boundary: StepBoundary | None = None) -> None:
+    def after_step(
+        self, step: int, boundary: StepBoundary | None = None, *, live: bool = True
+    ) -> None:
         """Called at the start of each micro-batch; saves when a checkpoint is due, with the
         copies of ``boundary`` (taken at the step, see :mod:`stoker.runtime.boundary`) when it
-        is of this step, else with the live state."""
+        is of this step, else with the live state — unless the state moved since the step
+        (``live=False``: a ``backward()`` or ``accumulate()``): a save that became due only
+        since the step (``every_minutes`` elapsed in between) then waits for the next step."""
         if step == self._checked_step or self.checkpointer is None or self.state is None:
             return
         self._checked_step = step
         if boundary is None or boundary.step != step:
+            if not live and self.checkpointer.due(step):
+                return
             self.checkpointer.maybe_save(step, self.state)
             return
         with written_as_of(self.state, boundary) as state:

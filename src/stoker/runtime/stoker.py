@@ -600,7 +600,7 @@ class Stoker:
         about to fetch), so the live state is written; else the step's copies."""
         if self.step != self.services._checked_step:
             boundary, self._boundary = self._boundary, None
-            self.services.after_step(self.step, None if live else boundary)
+            self.services.after_step(self.step, None if live else boundary, live=live)
 
     def _services_resumed(self) -> None:
         if self.services.pending is not None:
