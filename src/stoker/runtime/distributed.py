@@ -135,6 +135,31 @@ def _env_int(name: str, default: int) -> int:
         raise StokerError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def _attempt_store(timeout: datetime.timedelta | None) -> dict[str, Any]:
+    """Under torchrun's elastic agent: its store, with keys private to this restart attempt.
+
+    The workers of every attempt share the agent's one TCPStore and the default group writes
+    each rank's address under the same keys, so after a restart a rank can read the address a
+    dead rank of the previous attempt left there and wait on it: a gloo connect seen stalling
+    on both ranks. A prefix per attempt keeps each attempt's keys apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if attempt is None or not agent_store or "MASTER_ADDR" not in os.environ:
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 29500),
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    return {
+        "store": dist.PrefixStore(f"stoker/attempt-{attempt}/", store),
+        "rank": _env_int("RANK", 0),
+        "world_size": _env_int("WORLD_SIZE", 1),
+    }
+
+
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group described by torchrun's environment variables, if any."""
     world_size = _env_int("WORLD_SIZE", 1)
@@ -162,7 +187,7 @@ def init_distributed(device: torch.device) -> DistributedContext:
             else None
         )
         try:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         except (RuntimeError, dist.DistBackendError) as exc:  # e.g. gloo's connect timed out
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
             raise StokerError(
