@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stoker import Stoker, StokerError
-from stoker.checkpoint import CheckpointError
+from stoker.checkpoint import CheckpointMismatch
 from stoker.records import RecordConfig
 from stoker.runtime.tracked import TrackedState
 
@@ -61,7 +61,15 @@ def test_state_values_must_be_dicts_or_stateful():
         stoker.prepare(torch.nn.Linear(2, 2), state={"lr": 0.1})
 
 
+def test_a_checkpoint_without_a_tracked_name_stops_the_resume(tmp_path):
+    _run(tmp_path, "a", {"progress": {"epoch": 0}, "ema": Ema()})
+    state = {"progress": {"epoch": 0}, "ema": Ema(), "other": {"x": 1}}
+    with pytest.raises(CheckpointMismatch, match=r"the user state has no \['other'\]"):
+        _run(tmp_path, "b", state, resume=str(tmp_path / "a"), steps=0)
+    assert state["progress"] == {"epoch": 0}  # nothing was loaded
+
+
 def test_a_checkpoint_without_a_tracked_name_is_refused_before_loading():
     tracked = TrackedState({"progress": {"epoch": 0}, "other": {"x": 1}}, torch.device("cpu"))
-    with pytest.raises(CheckpointError, match=r"no \['other'\] \(it holds \['progress'\]\)"):
+    with pytest.raises(CheckpointMismatch, match=r"no \['other'\] \(it holds \['progress'\]\)"):
         tracked.check_state_dict({"progress": {"epoch": 3}})

@@ -62,13 +62,14 @@ class TrackedState:
         }
 
     def check_state_dict(self, state: Any) -> None:
-        """Refuse a checkpoint that lacks a tracked name (called before anything is loaded)."""
-        from stoker.checkpoint.errors import CheckpointError
+        """Refuse a checkpoint that lacks a tracked name (called before anything is loaded): the
+        older checkpoints of the run lack it too, so resuming stops with this message."""
+        from stoker.checkpoint.errors import CheckpointMismatch
 
         held = sorted(state) if isinstance(state, dict) else []
         missing = sorted(set(self.objects) - set(held))
         if missing:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"the user state has no {missing} (it holds {held}); resume with the same "
                 "prepare(state=...) names, or pass resume='never'"
             )
