@@ -62,6 +62,10 @@ class BenchConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
         """Build from a namespace parsed by :func:`bench_parser`."""
+        # Named by their flags, before any work (BenchConfig would name its fields).
+        for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+            if value is not None and value < least:
+                raise StokerError(f"{flag} {value}: needs at least {least} round(s)")
         rounds = getattr(args, "bench_rounds", _DEFAULT_ROUNDS)
         warmup, repeats = _QUICK_ROUNDS if args.quick else rounds
         return cls(

@@ -66,6 +66,8 @@ class CheckResumeConfig:
             raise StokerError(f"kills={self.kills}; check-resume needs at least one kill")
         if self.nproc < 1:
             raise StokerError(f"nproc={self.nproc}; use 1 or more processes")
+        if not 0 < self.timeout_s < math.inf:
+            raise StokerError(f"timeout_s={self.timeout_s}; use a positive number of seconds")
 
 
 @dataclass(slots=True)
@@ -191,9 +193,18 @@ def check_resume(
     """Run ``script`` uninterrupted and killed/resumed; compare the final checkpoints."""
     config = config or CheckResumeConfig()
     if not Path(script).is_file():
-        raise StokerError(f"script {script!r} does not exist (cwd {Path.cwd()}); give its path")
+        what = "is a directory" if Path(script).is_dir() else "does not exist"
+        raise StokerError(f"script {script!r} {what} (cwd {Path.cwd()}); give its path")
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="stoker-check-resume-"))
     ref_dir, res_dir = workdir / "uninterrupted", workdir / "resumed"
+    for run_dir in (ref_dir, res_dir):  # before any run: not after the first one's minutes
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StokerError(
+                f"cannot use {workdir} as the work directory: {exc.strerror or exc} "
+                f"({exc.filename}); pass --workdir a writable directory"
+            ) from None
     cmd = _command(script, script_args, config.nproc)
 
     echo(f"1/3 uninterrupted run -> {ref_dir}")

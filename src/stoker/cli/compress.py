@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from stoker.cli._checks import check_count
 from stoker.compress import (
     PRUNE_METHODS,
     QUANT_METHODS,
@@ -109,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
             ) from None
     if args.eval_batches < 1:
         raise StokerError(f"--eval-batches {args.eval_batches}: needs at least 1.")
+    check_count("--repeats", args.repeats, least=1, what="timed call per batch size")
     trained = load_trained(_resolve(args.source, args.root))
     cfg = trained.model.config
     console.print(

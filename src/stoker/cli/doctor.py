@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from stoker.cli._checks import check_count, check_output_path, check_script
 from stoker.doctor import DoctorConfig, diagnose_script
+from stoker.errors import StokerError
 
 NAME = "doctor"
 HELP = "profile a window of a training script's steps and report what to change, line by line"
@@ -47,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Before the script runs: a report that cannot be written would waste the whole run.
+    check_script(args.script)
+    for flag, value in (("--warmup", args.warmup), ("--attribution-steps", args.attribution_steps)):
+        check_count(flag, value, least=0, what="steps")
+    check_count("--steps", args.steps, least=1, what="profiled step")
+    check_output_path("--json", args.json, default_name="doctor.json")
+    if args.trace and os.path.isdir(args.trace):
+        raise StokerError(
+            f"--trace {args.trace} is a directory; pass a file path such as "
+            f"{os.path.join(args.trace, 'trace.json')}"
+        )
+    check_output_path("--trace", args.trace, default_name="trace.json")
     config = DoctorConfig(
         warmup_steps=args.warmup,
         window_steps=args.steps,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from stoker.cli._checks import check_number
+
 NAME = "experiment"
 HELP = "run a built-in experiment (train-large-then-compress) and write its report"
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from stoker.experiments import ExperimentConfig, run_experiment
 
+    check_number("--budget-minutes", args.budget_minutes, unit="minutes", example="5")
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
     if args.quick:
         cfg = ExperimentConfig.quick_config(args.out)

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from stoker.cli._checks import check_number
 from stoker.records.listing import find_run
 from stoker.records.reproduce import reproduce
 
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_number("--timeout", args.timeout, unit="seconds", example="3600")
+    check_number("--tolerance", args.tolerance, unit="difference", example="1e-6", zero=True)
     console = Console()
     run_dir = find_run(args.id, args.root)
     result = reproduce(

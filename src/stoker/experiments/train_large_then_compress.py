@@ -94,8 +94,12 @@ class ExperimentConfig:
         unknown = [s for s in self.sizes if s not in SIZES]
         if unknown or not self.sizes:
             raise StokerError(f"unknown sizes {unknown}; choose among {', '.join(SIZES)}.")
-        if self.budget_seconds <= 0 or self.curve_points < 1:
-            raise StokerError("the budget and the number of curve points must be positive.")
+        if not 0 < self.budget_seconds < math.inf:  # NaN fails this too
+            raise StokerError(
+                f"budget_seconds={self.budget_seconds}; use a positive number of seconds"
+            )
+        if self.curve_points < 1:
+            raise StokerError(f"curve_points={self.curve_points}; use 1 or more")
 
 
 @dataclass

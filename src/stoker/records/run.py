@@ -56,7 +56,7 @@ from stoker.records.record import (
     read_record,
     write_record,
 )
-from stoker.records.rundir import resolve_run_dir
+from stoker.records.rundir import cannot_create, resolve_run_dir
 
 __all__ = ["RecordConfig", "Run", "start_run"]
 
@@ -307,7 +307,10 @@ def start_run(
     run_dir = resolve_run_dir(name, directory=config.directory, root=config.root)
     if rank != 0:
         return Run(run_dir, None, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_create(run_dir, exc, directory=config.directory) from None
     started = now_iso()
     attempt = {
         "started": started,

@@ -13,7 +13,16 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["RUNS_DIR_ENV", "RUN_DIR_ENV", "new_run_id", "resolve_run_dir", "runs_root"]
+from stoker.errors import StokerError
+
+__all__ = [
+    "RUNS_DIR_ENV",
+    "RUN_DIR_ENV",
+    "cannot_create",
+    "new_run_id",
+    "resolve_run_dir",
+    "runs_root",
+]
 
 RUN_DIR_ENV = "STOKER_RUN_DIR"
 RUNS_DIR_ENV = "STOKER_RUNS_DIR"
@@ -32,6 +41,27 @@ def new_run_id(name: str, now: _dt.datetime | None = None) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     clean = _UNSAFE.sub("-", name).strip("-.") or "run"
     return f"{now:%Y%m%d-%H%M%S}-{clean}"
+
+
+def cannot_create(
+    path: Path, exc: OSError, *, directory: str | Path | None = None, root: str | Path | None = None
+) -> StokerError:
+    """The one-line error for a run directory that cannot be created, naming where its
+    location came from (see the module docstring)."""
+    if directory is not None:
+        source = "RecordConfig(directory=...)"
+    elif os.environ.get(RUN_DIR_ENV):
+        source = f"${RUN_DIR_ENV}"
+    elif root is not None:
+        source = "RecordConfig(root=...)"
+    elif os.environ.get(RUNS_DIR_ENV):
+        source = f"${RUNS_DIR_ENV}"
+    else:
+        source = f"the current directory's runs/ (or set ${RUNS_DIR_ENV})"
+    return StokerError(
+        f"cannot create the run directory {path}: {exc.strerror or exc}; point {source} at a "
+        "writable directory, or pass record=False to Stoker to record nothing"
+    )
 
 
 def _broadcast(path: Path | None) -> Path | None:
@@ -62,16 +92,19 @@ def resolve_run_dir(
     chosen: Path | None = None
     if rank == 0:
         base = runs_root(root)
-        base.mkdir(parents=True, exist_ok=True)
         run_id = new_run_id(name)
         chosen, n = base / run_id, 1
-        while True:  # two runs started in the same second get -2, -3, ...
-            try:
-                chosen.mkdir()
-                break
-            except FileExistsError:
-                n += 1
-                chosen = base / f"{run_id}-{n}"
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            while True:  # two runs started in the same second get -2, -3, ...
+                try:
+                    chosen.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    chosen = base / f"{run_id}-{n}"
+        except OSError as exc:
+            raise cannot_create(chosen, exc, root=root) from None
     out = _broadcast(chosen)
     assert out is not None
     return out
