@@ -89,3 +89,16 @@ def test_diff_does_not_wait_on_a_fifo_patch(tmp_path, fifos):
     fifos(b / "code.patch")
     diff = _finishes(lambda: diff_runs(a, b))
     assert "+x" in diff.code  # b's patch counted as empty, not waited on
+
+
+def test_compress_reads_a_run_record_through_the_same_checks(tmp_path):
+    from stoker.checkpoint import save
+    from stoker.compress import load_trained
+    from stoker.models import Encoder, EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=50, max_len=16, dim=16, layers=1, heads=2, ffn_dim=32)
+    run = tmp_path / "run"
+    save(run / "checkpoints" / "step-00000001", {"model": Encoder(cfg)})
+    (run / "record.json").write_text("[]")  # a traceback (AttributeError) before
+    with pytest.raises(StokerError, match="JSON array where a JSON object belongs"):
+        load_trained(run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from stoker.checkpoint import CheckpointError, latest_valid, verify
 from stoker.errors import StokerError
 from stoker.models import PRESETS, Encoder, EncoderConfig
+from stoker.records.record import read_record
 
 __all__ = ["TrainedModel", "load_trained"]
 
@@ -28,7 +28,7 @@ class TrainedModel:
 def _run_config(run_dir: Path | None) -> dict[str, Any]:
     if run_dir is None or not (run_dir / "record.json").is_file():
         return {}
-    record = json.loads((run_dir / "record.json").read_text())
+    record = read_record(run_dir)  # a bounded regular file holding a JSON object, or one line
     config = record.get("config")
     return config if isinstance(config, dict) else {}
 
