@@ -35,11 +35,12 @@ caller can say what a missing file means. Nothing here writes.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from stoker.errors import StokerError
 
@@ -86,7 +87,7 @@ def open_regular(
     root: str | os.PathLike[str] | None = None,
     limit: int | None = DEFAULT_LIMIT,
     error: type[Exception] = StokerError,
-) -> BinaryIO:
+) -> io.BufferedReader:
     """Open ``path`` for reading in binary, refusing anything but a regular file (see above).
 
     ``limit``: refuse a file larger than this many bytes (None: any size). Raises

@@ -190,10 +190,12 @@ def _digest(directory: Path, name: str, expected: int) -> str:
                 f"checkpoint {directory}: {name} has {size} bytes, the manifest says "
                 f"{expected} (truncated or overwritten)"
             )
+        buf = bytearray(min(CHUNK, max(expected, 1)))
+        view = memoryview(buf)
         read = 0
-        while read <= expected and (chunk := f.read(CHUNK)):
-            digest.update(chunk)
-            read += len(chunk)
+        while read <= expected and (n := f.readinto(buf)):
+            digest.update(view[:n])
+            read += n
     if read != expected:
         raise CheckpointError(f"checkpoint {directory}: {name} changed while being read")
     return digest.hexdigest()
