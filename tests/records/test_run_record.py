@@ -134,7 +134,7 @@ def test_restart_into_the_same_directory_is_a_new_attempt(tmp_path):
     run = start_run(_config(tmp_path), user_config={"lr": 2})
     record = read_record(tmp_path / "run")
     assert len(record["attempts"]) == 2 and record["status"] == "running"
-    assert record["config"] == {"lr": 1}  # the original record is kept
+    assert record["config"] == {"lr": 2}  # the record describes the attempt that is running
     run.finish()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from stoker.checkpoint.check_resume import CheckResumeConfig, check_resume
-from stoker.cli._checks import check_count, check_number, check_script
+from stoker.cli._checks import check_count, check_number
 
 NAME = "check-resume"
 HELP = (
@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    check_script(args.script)
     check_count("--kills", args.kills, least=1, what="kill")
     check_count("--nproc", args.nproc, least=1, what="process")
     check_number("--timeout", args.timeout, unit="seconds", example="3600")
