@@ -14,8 +14,11 @@
 Atomicity: files go into ``.tmp-<name>/`` beside the target, each fsynced; the manifest is
 written last; the directory is fsynced, renamed to ``<name>/``, and the parent fsynced. A crash
 at any point leaves either the old checkpoints untouched plus a ``.tmp-*`` leftover, or the new
-checkpoint complete. A failed save (full disk, no permission) removes its temporary directory
-and raises :class:`CheckpointError`; nothing written earlier is touched.
+checkpoint complete. (Saving over a checkpoint of the same name moves the old one to
+``.old-<name>-<pid>`` for the instant between two renames; a crash exactly there loses that
+one checkpoint, never promoted back by a later process: resuming uses the one before it.) A
+failed save (full disk, no permission) removes its temporary directory and raises
+:class:`CheckpointError`; nothing written earlier is touched.
 
 Under ``torch.distributed`` every rank calls ``save`` with the same path: rank 0 writes the
 shared state (DDP replicas are identical), every rank writes its own RNG states, and the
