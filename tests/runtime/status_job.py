@@ -36,5 +36,8 @@ if mode == "checkpoint-raise":
     (stoker.run_dir / "checkpoints").write_text("a file where the checkpoints directory goes")
     stoker.save_checkpoint()
 if mode == "interrupt":
+    # A shell's background job inherits SIGINT ignored, and Python then keeps it ignored: make
+    # it a Ctrl-C wherever the test runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)  # the KeyboardInterrupt arrives here
