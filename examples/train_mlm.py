@@ -28,6 +28,8 @@ from stoker.data.tokenizer import load_token_documents, load_tokenizer
 from stoker.models import Encoder, EncoderConfig
 from stoker.schedules import warmup_cosine
 
+CALIBRATE = 20  # steps timed to fit the number of steps to --budget-minutes
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -41,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pack documents into full rows (default) or pad each batch to its longest",
     )
     p.add_argument("--accumulation-steps", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (at most)")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=4.0,
+        help="train at most this long: fewer steps where a step is slow (0: exactly --steps)",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto")
@@ -100,10 +108,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = EncoderConfig.preset(args.preset, vocab_size=vocab_size, max_len=args.max_len)
     model = Encoder(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
+    # How many steps: --steps, or fewer if they would not fit --budget-minutes at the speed of
+    # the first steps (decided once, after CALIBRATE timed steps; kept in checkpoints so that a
+    # resumed run follows the same schedule).
+    plan = {"steps": args.steps, "decided": args.budget_minutes <= 0 or args.steps <= 2 * CALIBRATE}
     warmup = min(args.warmup, args.steps // 10)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=args.steps)
+    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=lambda: plan["steps"])
     model, optimizer, train_loader, val_loader, scheduler = stoker.prepare(
-        model, optimizer, train_loader, val_loader, scheduler=scheduler
+        model, optimizer, train_loader, val_loader, scheduler=scheduler, state={"plan": plan}
     )
     console.print(
         f"stoker: {config.dim}x{config.layers} encoder ({model_size(stoker.unwrap(model))}), "
@@ -126,12 +138,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
     ragged = TokenCounter()  # padding and rank imbalance, counted on the device
     seen = 0
+    calibration: tuple[int, float] | None = None  # (step, time) the budget's timing starts at
     started = window_start = time.perf_counter()
     with progress:
         task = progress.add_task(
-            "train", total=args.steps, completed=stoker.step, loss="-", speed="-"
+            "train", total=plan["steps"], completed=stoker.step, loss="-", speed="-"
         )
-        while stoker.step < args.steps:
+        while stoker.step < plan["steps"]:
             for batch in train_loader:
                 with stoker.accumulate(model):
                     logits = model(**model_inputs(batch))
@@ -148,7 +161,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     continue
                 stoker.log({"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]})
                 progress.advance(task)
-                if stoker.step % args.log_every == 0 or stoker.step == args.steps:
+                if not plan["decided"]:  # steps 0-1 allocate and warm up: time from step 2
+                    if calibration is None and stoker.step >= 2:
+                        calibration = (stoker.step, time.perf_counter())
+                    elif calibration is not None and stoker.step - calibration[0] >= CALIBRATE:
+                        per_step = (time.perf_counter() - calibration[1]) / CALIBRATE
+                        # every rank must decide the same: their mean (one collective, once)
+                        timed = torch.tensor(per_step, device=stoker.device)
+                        per_step = stoker.reduce(timed, "mean").item()
+                        fit = int(60 * args.budget_minutes / per_step)
+                        plan.update(steps=max(stoker.step, min(args.steps, fit)), decided=True)
+                        progress.update(task, total=plan["steps"])
+                        if plan["steps"] < args.steps:
+                            console.print(
+                                f"stoker: {1e3 * per_step:.0f} ms per step here: "
+                                f"{plan['steps']} steps fit --budget-minutes "
+                                f"{args.budget_minutes:g}"
+                            )
+                if stoker.step % args.log_every == 0 or stoker.step == plan["steps"]:
                     window_tokens = stoker.reduce(tokens, "sum").item()
                     seen += window_tokens
                     speed = window_tokens / (time.perf_counter() - window_start)
@@ -156,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     progress.update(task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}")
                     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
                     window_start = time.perf_counter()
-                if stoker.step >= args.steps:
+                if stoker.step >= plan["steps"]:
                     break
     train_seconds = time.perf_counter() - started
     data = ragged.summary()

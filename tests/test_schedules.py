@@ -31,3 +31,19 @@ def test_bad_lengths(warmup, total):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(StokerError, match="warmup_steps"):
         warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total)
+
+
+def test_total_steps_may_be_decided_later():
+    plan = {"steps": 100}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=2, total_steps=lambda: plan["steps"], min_ratio=0.0)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    plan["steps"] = 6  # decided during warm-up: the decay now spans steps 2-6
+    factors = []
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        factors.append(opt.param_groups[0]["lr"])
+    assert [round(f, 2) for f in factors] == [0.85, 0.5, 0.15, 0.0]
