@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget-minutes",
         type=float,
-        default=4.0,
+        default=4.5,
         help="train at most this long: fewer steps where a step is slow (0: exactly --steps)",
     )
     p.add_argument("--lr", type=float, default=2e-3)
