@@ -159,7 +159,9 @@ def stoker_builder(device: torch.device, precision: str, *, accumulate: bool) ->
     from stoker import Stoker
 
     def build(wl: Workload) -> tuple[Callable[[], None], nn.Module]:
-        stoker = Stoker(device=device, precision=precision)
+        # No doctor: its profiled window would land in one candidate's timed rounds (its own
+        # cost is benchmarks/doctor.py's; a run detaches it after its window).
+        stoker = Stoker(device=device, precision=precision, doctor=False)
         inner = copy.deepcopy(wl.model)
         model, opt = stoker.prepare(inner, optimizer_for(inner))
         fwd, loss_fn, batch = wl.forward, wl.loss, wl.batch

@@ -64,7 +64,9 @@ def stoker_step(
     """
     from stoker.data.mlm import mlm_loss
 
-    stoker = Stoker(device=device, precision=precision, compile=compile)
+    # No doctor: its profiled window would land in one candidate's timed rounds (its own
+    # cost is benchmarks/doctor.py's; a run detaches it after its window).
+    stoker = Stoker(device=device, precision=precision, compile=compile, doctor=False)
     inner = copy.deepcopy(wl.model)
     model, opt = stoker.prepare(inner, optimizer_for(inner))
     fwd, batch = wl.forward, wl.batch

@@ -66,7 +66,9 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     # products would cost a probe step as slow as the training step. The saving is the bf16
     # product time less what it costs at fp32's rate.
     saving = bf16_ms * (1 - speed.bf16_speedup) if speed.bf16_speedup < 1 else 0.0
-    share = saving / m.step_ms
+    # The profiler sums kernel time over threads: never more than forward+backward took.
+    saving = min(saving, m.phases_ms["forward"] + m.phases_ms["backward"])
+    share = min(1.0, saving / m.step_ms)
     if share < 0.05:
         return []
     fwd = m.train_forward
