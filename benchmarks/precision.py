@@ -9,9 +9,8 @@ same model, interleaved in one process:
 - the same with ``compile=True``. Compilation happens in the first warm-up step; its time is
   reported separately (warm-up time above the steady-state median), never mixed into tokens/s.
 
-Ratios are to eager ``fp32``. Acceptance: ``auto`` is the faster precision on the machine at
-hand (>= 0.95x the better of eager fp32 and bf16) and, where bf16 is the faster, >= 1.3x fp32
-tokens/s (issue 2). On a CPU that emulates bf16 a bf16 step is tens of times slower: run it
+Ratios are to eager ``fp32``. Acceptance: ``auto`` resolves to the precision measured faster
+here (eager fp32 vs bf16) and, where that is bf16, reaches >= 1.3x fp32 tokens/s (issue 2). On a CPU that emulates bf16 a bf16 step is tens of times slower: run it
 with ``--repeats 3`` there.
 
     python benchmarks/precision.py              # full run, ~3-6 min on 2 cores (compiles 3x)
@@ -167,19 +166,20 @@ def main() -> int:
             bench.console.print(table)
     meta["compile_s"] = compile_s
 
-    # auto must pick the faster precision on *this* machine: at least 95% of the better of
-    # eager fp32 and bf16, and, where bf16 is the faster, >= 1.3x fp32 (issue 2's target).
+    # auto must pick the faster precision on *this* machine (it then runs the very step of
+    # that candidate: their ratio is the run's noise) and, where bf16 is the faster, reach
+    # >= 1.3x fp32 (issue 2's target).
     auto, bf16 = result["auto"].speedup, result["bf16"].speedup
-    best = max(1.0, bf16)
-    ok = auto >= 0.95 * best and (bf16 <= 1.0 or auto >= TARGET_AUTO_SPEEDUP)
+    faster = "bf16" if bf16 > 1.0 else "fp32"
+    ok = resolved["auto"] == faster and (faster == "fp32" or auto >= TARGET_AUTO_SPEEDUP)
     meta.update(auto_speedup=auto, bf16_speedup=bf16, acceptance_pass=ok)
     meta["matmul"] = matmul_speed(device).describe()
     if bench.console is not None:
         color = "green" if ok else "red"
-        target = f">= {TARGET_AUTO_SPEEDUP}x" if bf16 > 1.0 else ">= 0.95x (fp32 is the faster)"
+        target = f"bf16, >= {TARGET_AUTO_SPEEDUP}x" if faster == "bf16" else "fp32"
         bench.console.print(
             f"[{color}]auto ({resolved['auto']}) = {auto:.2f}x fp32 tokens/s, bf16 = "
-            f"{bf16:.2f}x (target {target}): {'PASS' if ok else 'FAIL'}[/{color}]"
+            f"{bf16:.2f}x (target: auto is {target}): {'PASS' if ok else 'FAIL'}[/{color}]"
         )
         bench.console.print(f"this CPU favours {meta['matmul']}", highlight=False)
     bench.save()
