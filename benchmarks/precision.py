@@ -10,8 +10,9 @@ same model, interleaved in one process:
   reported separately (warm-up time above the steady-state median), never mixed into tokens/s.
 
 Ratios are to eager ``fp32``. Acceptance: ``auto`` resolves to the precision measured faster
-here (eager fp32 vs bf16) and, where that is bf16, reaches >= 1.3x fp32 tokens/s (issue 2). On a CPU that emulates bf16 a bf16 step is tens of times slower: run it
-with ``--repeats 3`` there.
+here (eager fp32 vs bf16) and, where that is bf16, reaches >= 1.3x fp32 tokens/s (issue 2).
+On a CPU that emulates bf16 a bf16 step is tens of times slower: run it with ``--repeats 5``
+there.
 
     python benchmarks/precision.py              # full run, ~3-6 min on 2 cores (compiles 3x)
     python benchmarks/precision.py --no-compile # eager only
