@@ -236,7 +236,9 @@ def check_resume(
         if not killed:
             raise StokerError(
                 f"the run meant to die at step {k} exited with code {done.returncode} instead; "
-                "does the script call Checkpointer.maybe_save(step, ...) every step? "
+                "does it take steps (a stoker loop: stoker.backward() with a prepared optimizer, "
+                "or stoker.step_done() after a hand-written update; a plain one: "
+                "Checkpointer.maybe_save(step, ...) every step)? "
                 f"Its last output:\n{_tail(done.stderr or done.stdout)}"
             )
         newest = latest_valid(res_dir / "checkpoints")
