@@ -77,3 +77,8 @@ def test_describe_names_the_favoured_precision(monkeypatch):
     assert matmul_speed("cpu").describe().startswith("fp32")
     monkeypatch.setenv("STOKER_BF16_SPEEDUP", "6")
     assert matmul_speed("cpu").describe().startswith("bf16")
+
+
+def test_an_unmeasured_source_is_not_described_with_rates():
+    speed = hardware.MatmulSpeed("cuda", 1.0, 2.0, 2, "cuda capability")
+    assert not speed.measured and speed.describe() == "bf16 (cuda capability)"

@@ -59,6 +59,11 @@ class MatmulSpeed:
         return self.bf16_gflops / self.fp32_gflops if self.fp32_gflops > 0 else 0.0
 
     @property
+    def measured(self) -> bool:
+        """Rates timed on this machine (now or cached), not assumed or given."""
+        return self.source in ("probe", "cache")
+
+    @property
     def favours_bf16(self) -> bool:
         return self.bf16_speedup >= BF16_FAST_THRESHOLD
 
@@ -68,6 +73,8 @@ class MatmulSpeed:
         how = f"{self.bf16_speedup:.2g}x fp32's rate"
         if self.source == "env":
             return f"{favoured} (${_ENV}={self.bf16_speedup:g})"
+        if not self.measured:
+            return f"{favoured} ({self.source})"
         return (
             f"{favoured} (bf16 matrix products at {how}: {self.bf16_gflops:.0f} vs "
             f"{self.fp32_gflops:.0f} GFLOP/s, {self.threads} thread(s))"

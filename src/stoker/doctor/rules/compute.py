@@ -60,7 +60,7 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
         return []
     bf16_ms = m.profile.matmul_ms_by_dtype.get("bfloat16", 0.0)
     speed = matmul_speed(m.device)
-    if speed.favours_bf16 or bf16_ms < 0.05 * m.step_ms:
+    if speed.favours_bf16 or bf16_ms < 0.05 * m.step_ms or speed.bf16_speedup <= 0:
         return []
     # Not re-timed on the model: the hardware probe already says what fp32 buys, and the bf16
     # products would cost a probe step as slow as the training step. The saving is the bf16
@@ -80,8 +80,12 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
             title=(
                 f"matrix products run in bf16 ({bf16_ms:.1f} ms per step, "
                 f"{100 * bf16_ms / m.step_ms:.0f}% of the step), but this {m.device} runs bf16 "
-                f"products {1 / max(speed.bf16_speedup, 1e-9):.0f}x slower than fp32 "
-                f"({speed.bf16_gflops:.1f} vs {speed.fp32_gflops:.0f} GFLOP/s measured)"
+                f"products {1 / speed.bf16_speedup:.0f}x slower than fp32 ("
+                + (
+                    f"{speed.bf16_gflops:.1f} vs {speed.fp32_gflops:.0f} GFLOP/s measured)"
+                    if speed.measured
+                    else f"{speed.describe()})"
+                )
             ),
             fix=(
                 "compute in fp32 here: drop the bf16 `torch.autocast` (or use "
