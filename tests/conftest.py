@@ -1,6 +1,8 @@
 """Test-wide settings: run records go to a temporary directory, not into the repository, and
 the runtime's doctor is off unless a test turns it on (its probes would time every test)."""
 
+import threading
+
 import pytest
 
 
@@ -12,3 +14,28 @@ def _runs_in_tmp(tmp_path_factory):
     mp.setenv("STOKER_DOCTOR", "0")
     yield
     mp.undo()
+
+
+def _finishes(fn, seconds=20):
+    """``fn()`` run on a thread: its result, or a failure if it is still running after
+    ``seconds`` (a reader that blocks on a FIFO would otherwise hang the suite)."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.fixture
+def finishes():
+    return _finishes

@@ -9,7 +9,6 @@ import pickle
 import shlex
 import subprocess
 import sys
-import threading
 import warnings
 
 import pytest
@@ -151,26 +150,6 @@ def test_no_code_path_calls_pickle(monkeypatch, ckpt):
 # ------------------------------------------------------------- planted files and directories
 
 
-def _finishes(fn, seconds=20):
-    """Run ``fn`` on a thread; its result, or a failure if it is still running after ``seconds``
-    (the old reader blocked for ever on a FIFO)."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def _two_checkpoints(root):
     model = torch.nn.Linear(3, 3)
     for step in (1, 2):
@@ -178,27 +157,27 @@ def _two_checkpoints(root):
     return root / checkpoint_name(2)
 
 
-def test_a_fifo_manifest_in_the_newest_checkpoint_is_skipped_not_waited_on(tmp_path):
+def test_a_fifo_manifest_in_the_newest_checkpoint_is_skipped_not_waited_on(tmp_path, finishes):
     newest = _two_checkpoints(tmp_path)
     (newest / "manifest.json").unlink()
     os.mkfifo(newest / "manifest.json")  # nobody will ever write to it
     try:
         with pytest.warns(CheckpointWarning, match=r"step-00000002.*FIFO"):
-            assert _finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
+            assert finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
     finally:  # a reader stuck in open() (the code before the fix) gets EOF, so the test ends
         with contextlib.suppress(OSError):  # ENXIO: no reader waiting, nothing to unblock
             os.close(os.open(newest / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
 
 
-def test_a_manifest_symlinked_to_dev_zero_is_refused_before_reading(tmp_path):
+def test_a_manifest_symlinked_to_dev_zero_is_refused_before_reading(tmp_path, finishes):
     newest = _two_checkpoints(tmp_path)
     (newest / "manifest.json").unlink()
     (newest / "manifest.json").symlink_to("/dev/zero")  # read_bytes() would never end
     with pytest.warns(CheckpointWarning, match=r"step-00000002.*symbolic link"):
-        assert _finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
+        assert finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
 
 
-def test_a_weights_file_that_is_a_fifo_fails_verification_without_blocking(tmp_path):
+def test_a_weights_file_that_is_a_fifo_fails_verification_without_blocking(tmp_path, finishes):
     newest = _two_checkpoints(tmp_path)
     manifest = json.loads((newest / "manifest.json").read_text())
     (newest / "model.safetensors").unlink()
@@ -206,7 +185,7 @@ def test_a_weights_file_that_is_a_fifo_fails_verification_without_blocking(tmp_p
     manifest["files"]["model.safetensors"]["bytes"] = 0  # its size matches: only the type differs
     (newest / "manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(CheckpointWarning, match=r"model\.safetensors is a FIFO"):
-        assert _finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
+        assert finishes(lambda: latest_valid(tmp_path)).name == checkpoint_name(1)
 
 
 def test_a_step_directory_symlinked_out_of_the_run_is_not_followed(tmp_path):

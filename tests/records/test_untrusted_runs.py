@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import threading
 
 import pytest
 
@@ -21,25 +20,6 @@ def _run(root, name, **record):
     return run
 
 
-def _finishes(fn, seconds=20):
-    """``fn()`` run on a thread; fails if still running after ``seconds`` (blocked on a FIFO)."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 @pytest.fixture
 def fifos():
     made = []
@@ -49,20 +29,20 @@ def fifos():
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
-def test_listing_skips_a_fifo_record_and_ignores_fifo_metrics(tmp_path, fifos):
+def test_listing_skips_a_fifo_record_and_ignores_fifo_metrics(tmp_path, fifos, finishes):
     _run(tmp_path, "a")
     (tmp_path / "bb").mkdir()
     os.mkfifo(tmp_path / "bb" / "record.json")
     fifos(tmp_path / "bb" / "record.json")
     os.mkfifo(tmp_path / "a" / "metrics.jsonl")
     fifos(tmp_path / "a" / "metrics.jsonl")
-    runs = _finishes(lambda: list_runs(tmp_path))
+    runs = finishes(lambda: list_runs(tmp_path))
     assert [r.id for r in runs] == ["a"] and runs[0].steps is None
     with pytest.raises(StokerError, match="FIFO"):
         read_metrics(tmp_path / "a" / "metrics.jsonl")
 
 
-def test_a_record_that_is_a_list_or_a_link_to_dev_zero_is_refused(tmp_path):
+def test_a_record_that_is_a_list_or_a_link_to_dev_zero_is_refused(tmp_path, finishes):
     run = tmp_path / "r"
     run.mkdir()
     (run / "record.json").write_text("[]")
@@ -71,7 +51,7 @@ def test_a_record_that_is_a_list_or_a_link_to_dev_zero_is_refused(tmp_path):
     (run / "record.json").unlink()
     (run / "record.json").symlink_to("/dev/zero")
     with pytest.raises(StokerError, match="symbolic link"):
-        _finishes(lambda: read_record(run))
+        finishes(lambda: read_record(run))
 
 
 def test_a_run_directory_linked_in_from_outside_the_runs_root_is_not_listed(tmp_path):
@@ -81,13 +61,13 @@ def test_a_run_directory_linked_in_from_outside_the_runs_root_is_not_listed(tmp_
     assert [r.id for r in list_runs(tmp_path / "runs")] == ["a"]
 
 
-def test_diff_does_not_wait_on_a_fifo_patch(tmp_path, fifos):
+def test_diff_does_not_wait_on_a_fifo_patch(tmp_path, fifos, finishes):
     git = {"repo": str(tmp_path / "no-repo"), "revision": "abc", "patch": "code.patch"}
     a, b = _run(tmp_path, "a", git=git), _run(tmp_path, "bb", git=git)
     (a / "code.patch").write_text("+x\n")
     os.mkfifo(b / "code.patch")
     fifos(b / "code.patch")
-    diff = _finishes(lambda: diff_runs(a, b))
+    diff = finishes(lambda: diff_runs(a, b))
     assert "+x" in diff.code  # b's patch counted as empty, not waited on
 
 
