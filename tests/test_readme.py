@@ -57,7 +57,7 @@ def test_the_loop_diff_changes_at_most_six_lines():
 
 def test_the_port_of_word_language_model_changes_the_lines_the_readme_counts():
     _, _, changed = _loop_versions(1)
-    assert changed == 18  # the README's text says 18
+    assert changed == 13  # the README's text says 13
 
 
 @pytest.mark.parametrize("version", [0, 1], ids=["plain", "stoker"])
@@ -68,7 +68,7 @@ def test_both_versions_of_the_word_language_model_port_run(version):
     assert 0 < namespace["val_loss"] < 10
     if version == 1:
         stoker, progress = namespace["stoker"], namespace["progress"]
-        assert progress["epoch"] == 3 and progress["i"] == 0
+        assert namespace["epoch"] == 2 and progress["i"] == 0
         assert stoker.step == 2 * len(range(0, len(namespace["train_data"]) - 1, 8))
         stoker.close()
 

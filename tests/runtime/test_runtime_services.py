@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from stoker import Stoker
@@ -70,3 +71,12 @@ def test_resume_from_another_run_continues_the_step_count(tmp_path):
     _train(second, steps=8)
     assert second.resumed_from == 5
     assert second.step == 8
+
+
+def test_checkpoint_takes_a_number_of_steps_or_a_config():
+    from stoker import StokerError
+
+    stoker = Stoker(device="cpu", precision="fp32", record=False, checkpoint=25)
+    assert stoker.services.checkpoint_config.every_steps == 25
+    with pytest.raises(StokerError, match=r"checkpoint='often'; pass a number of steps"):
+        Stoker(device="cpu", precision="fp32", record=False, checkpoint="often")

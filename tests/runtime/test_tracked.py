@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stoker import Stoker, StokerError
+from stoker import Stoker, StokerError, Variables
 from stoker.checkpoint import CheckpointMismatch
 from stoker.records import RecordConfig
 from stoker.runtime.tracked import TrackedState
@@ -73,3 +73,39 @@ def test_a_checkpoint_without_a_tracked_name_is_refused_before_loading():
     tracked = TrackedState({"progress": {"epoch": 0}, "other": {"x": 1}}, torch.device("cpu"))
     with pytest.raises(CheckpointMismatch, match=r"no \['other'\] \(it holds \['progress'\]\)"):
         tracked.check_state_dict({"progress": {"epoch": 3}})
+
+
+def test_variables_restore_names_of_a_namespace_and_nothing_else(tmp_path):
+    scope = {"epoch": 0, "lr": 0.5, "hidden": None, "untracked": "kept"}
+
+    def run(name, resume="never", steps=3):
+        stoker = Stoker(
+            device="cpu",
+            precision="fp32",
+            seed=0,
+            record=RecordConfig(directory=tmp_path / name, tee_console=False),
+            resume=resume,
+        )
+        model = torch.nn.Linear(3, 3)
+        loop = Variables(scope, "epoch", "lr", "hidden")
+        model = stoker.prepare(model, state={"loop": loop})
+        for _ in range(steps):
+            out = model(torch.randn(2, 3))
+            stoker.backward(out.square().mean())
+            scope.update(epoch=scope["epoch"] + 1, lr=scope["lr"] / 2, hidden=(out.detach(),))
+            stoker.step_done()
+        stoker.close()
+        return stoker
+
+    run("a")
+    saved = dict(scope)
+    scope.update(epoch=-1, lr=9.0, hidden=None, untracked="changed")
+    assert run("b", resume=str(tmp_path / "a"), steps=0).resumed_from == 3
+    assert scope["epoch"] == 3 and scope["lr"] == 0.0625
+    assert torch.equal(scope["hidden"][0], saved["hidden"][0])
+    assert scope["untracked"] == "changed"  # only the named variables are assigned
+
+
+def test_variables_must_exist_when_named():
+    with pytest.raises(StokerError, match=r"\['best'\] not defined yet"):
+        Variables({"epoch": 1}, "epoch", "best")

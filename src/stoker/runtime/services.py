@@ -48,14 +48,23 @@ class RunServices:
         self,
         *,
         record: RecordConfig | bool,
-        checkpoint: CheckpointConfig | None,
+        checkpoint: CheckpointConfig | int | None,
         resume: str | Path,
         user_config: Any,
         settings: dict[str, Any],
         rank: int,
         world_size: int,
     ) -> None:
+        from stoker.checkpoint import CheckpointConfig
         from stoker.records import RecordConfig, start_run
+
+        if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
+            checkpoint = CheckpointConfig(every_steps=checkpoint)
+        elif not (checkpoint is None or isinstance(checkpoint, CheckpointConfig)):
+            raise StokerError(
+                f"checkpoint={checkpoint!r}; pass a number of steps (checkpoint=500) or a "
+                "stoker.checkpoint.CheckpointConfig"
+            )
 
         self.setup = RunSetup(settings, user_config)
         """This run's settings and config, compared with a resumed checkpoint's."""

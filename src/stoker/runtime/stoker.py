@@ -125,8 +125,8 @@ class Stoker:
         record: a run directory with ``record.json``, ``metrics.jsonl`` and ``console.log``
             (default ``./runs/<UTC time>-<script>``; a :class:`~stoker.records.RecordConfig`
             to change it, ``False`` for none).
-        checkpoint: when to checkpoint automatically (a
-            :class:`~stoker.checkpoint.CheckpointConfig`: every N steps / T minutes, keep K,
+        checkpoint: when to checkpoint automatically: every N steps (``checkpoint=500``), or a
+            :class:`~stoker.checkpoint.CheckpointConfig` (every N steps / T minutes, keep K,
             async); a final checkpoint is written when the run ends normally.
         resume: ``"auto"`` continues from the newest valid checkpoint of this run directory
             (after an elastic restart, or with ``$STOKER_RUN_DIR`` set); a path resumes from
@@ -160,7 +160,7 @@ class Stoker:
         seed: int | None = None,
         config: Any = None,
         record: RecordConfig | bool = True,
-        checkpoint: CheckpointConfig | None = None,
+        checkpoint: CheckpointConfig | int | None = None,
         resume: str | Path = "auto",
         doctor: DoctorConfig | bool = True,
     ) -> None:

@@ -7,7 +7,10 @@ Each value is either
 - a ``dict`` of plain values and tensors (the epoch, a hand-managed learning rate, the best
   validation loss, an RNN's carried hidden state as a tuple of tensors), restored *in place*:
   its contents are replaced by the saved ones, so every reference to the dict sees them.
-  ``vars(namespace)`` is such a dict, for an ``argparse.Namespace`` or a ``SimpleNamespace``.
+  ``vars(namespace)`` is such a dict, for an ``argparse.Namespace`` or a ``SimpleNamespace``;
+- :class:`Variables`: some names of a namespace dict, above all a script's ``globals()``, so a
+  script whose loop keeps ``epoch``, ``lr`` or ``best_val_loss`` in module variables becomes
+  resumable without rewriting every use of them.
 
 Stored through the checkpoint's JSON + safetensors tree (see ``stoker/checkpoint/_tree.py``),
 never pickle: values must be plain data (numbers, strings, None, lists, tuples, dicts, tensors,
@@ -24,13 +27,46 @@ import torch
 from stoker.errors import StokerError
 from stoker.runtime.nested import map_tensors
 
-__all__ = ["TrackedState"]
+__all__ = ["TrackedState", "Variables"]
 
 
 def _stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None)
     )
+
+
+class Variables:
+    """The variables ``names`` of ``namespace`` (a dict: a script's ``globals()``, ``vars(args)``)
+    as one checkpointed object; resume assigns them back by name and leaves every other name
+    alone.
+
+    >>> epoch, lr = 3, 0.5
+    >>> Variables(globals(), "epoch", "lr").state_dict()
+    {'epoch': 3, 'lr': 0.5}
+    """
+
+    def __init__(self, namespace: dict[str, Any], *names: str) -> None:
+        if not isinstance(namespace, dict):
+            raise StokerError(
+                f"Variables(namespace, *names) takes a dict such as globals(), got "
+                f"{type(namespace).__name__}"
+            )
+        missing = [n for n in names if not isinstance(n, str) or n not in namespace]
+        if not names or missing:
+            raise StokerError(
+                f"Variables(...): {missing or 'no names'} not defined yet; assign each variable "
+                "its starting value before prepare(), e.g. epoch = 1"
+            )
+        self.namespace = namespace
+        self.names = names
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: self.namespace[name] for name in self.names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.names:
+            self.namespace[name] = state[name]
 
 
 class TrackedState:
@@ -76,9 +112,12 @@ class TrackedState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, obj in self.objects.items():
-            if isinstance(obj, dict):
+            if isinstance(obj, dict | Variables):  # plain data: its tensors go to the device
                 saved = map_tensors(lambda t: t.to(self.device), state[name])
-                obj.clear()
-                obj.update(saved)
+                if isinstance(obj, Variables):
+                    obj.load_state_dict(saved)
+                else:
+                    obj.clear()
+                    obj.update(saved)
             else:
                 obj.load_state_dict(state[name])
