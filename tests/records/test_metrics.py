@@ -71,3 +71,17 @@ def test_log_returns_in_microseconds(tmp_path):
             times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 200e-6, statistics.median(times)
     assert len(read_metrics(tmp_path / "m.jsonl")) == 2000
+
+
+def test_a_full_disk_warns_once_and_counts_the_lines_it_lost(tmp_path, capsys):
+    # /dev/full fails every write with ENOSPC, as a full disk does.
+    logger = MetricsLogger("/dev/full", flush_seconds=0.01)
+    for step in range(30):
+        logger.log({"loss": torch.tensor(1.0)}, step=step)
+        time.sleep(0.002)  # several flushes, each one failing
+    logger.close()  # the training loop is not stopped, close() does not raise
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("stoker: warning: metrics could not be written to /dev/full")
+    assert "No space left on device" in err and "Traceback" not in err
+    assert logger.lost == 30 and "No space left on device" in (logger.error or "")

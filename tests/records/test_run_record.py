@@ -217,3 +217,35 @@ def test_find_run_by_unique_part(tmp_path):
         find_run("beta", tmp_path)
     with pytest.raises(StokerError, match=r"no run 'gamma'.*recent ones"):
         find_run("gamma", tmp_path)
+
+
+def test_a_full_disk_is_recorded_as_incomplete_metrics(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    run = start_run(_config(tmp_path, tee_console=False))
+    for step in range(5):
+        run.log({"loss": torch.tensor(1.0)}, step=step)
+    run.finish()
+    record = read_record(run_dir)
+    assert record["status"] == "finished"
+    assert record["summary"]["lines_lost"] == 5
+    assert "No space left on device" in record["summary"]["metrics_error"]
+    assert capsys.readouterr().err.count("stoker: warning: metrics could not be written") == 1
+
+
+def test_printing_goes_on_when_console_log_cannot_be_written(tmp_path, capsys):
+    from stoker.records.console import ConsoleTee
+
+    (tmp_path / "console.log").symlink_to("/dev/full")  # every write: ENOSPC
+    tee = ConsoleTee(tmp_path / "console.log")
+    try:
+        for i in range(3):
+            print(f"step {i}")  # the loop's own prints must not raise
+    finally:
+        tee.close()
+    out, err = capsys.readouterr()
+    assert out == "step 0\nstep 1\nstep 2\n"
+    assert err.count("\n") == 1, err
+    assert err.startswith("stoker: warning: console output could not be copied to ")
+    assert "No space left on device" in err

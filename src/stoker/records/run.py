@@ -187,7 +187,13 @@ class Run:
         m = self._metrics
         if m is None:
             return {}
-        return {"steps": m.last_step, "last": jsonable(dict(m.last)), "lines": m.lines}
+        return {
+            "steps": m.last_step,
+            "last": jsonable(dict(m.last)),
+            "lines": m.lines,
+            "lines_lost": m.lost,  # > 0, or metrics_error set: metrics.jsonl is incomplete
+            "metrics_error": m.error,
+        }
 
     def _tick(self) -> None:
         if time.monotonic() - self._last_beat < self.config.heartbeat_seconds:
