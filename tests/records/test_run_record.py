@@ -234,6 +234,21 @@ def test_a_full_disk_is_recorded_as_incomplete_metrics(tmp_path, capsys):
     assert capsys.readouterr().err.count("stoker: warning: metrics could not be written") == 1
 
 
+def test_a_final_record_that_cannot_be_written_says_so_and_keeps_the_previous_one(tmp_path, capsys):
+    run = start_run(_config(tmp_path, tee_console=False))
+    before = (run.dir / "record.json").read_text()
+    # The temporary file write_record writes beside record.json lands on a full "disk".
+    (run.dir / f".record.json.{os.getpid()}.tmp").symlink_to("/dev/full")
+    run.finish()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"stoker: warning: could not write {run.dir / 'record.json'}")
+    assert "No space left on device" in err and "'finished'" in err
+    assert (run.dir / "record.json").read_text() == before  # the earlier record, intact
+    assert json.loads(before)["status"] == "running"
+    assert not list(run.dir.glob(".record.json.*"))  # no temporary file left behind
+
+
 def test_printing_goes_on_when_console_log_cannot_be_written(tmp_path, capsys):
     from stoker.records.console import ConsoleTee
 

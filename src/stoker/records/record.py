@@ -15,12 +15,14 @@ Fields (``schema`` 1)::
     (UTC ISO times), attempts (one entry per start: elastic restarts, resumes),
     summary: steps (last logged step), last (the last value of each metric)
 
-The file is replaced atomically (write beside, rename) each time it is updated.
+The file is replaced atomically (write beside, rename) each time it is updated: a write that
+fails (a full disk, a permission) leaves the previous record whole, and no temporary file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -104,12 +106,17 @@ def write_record(run_dir: Path, record: Mapping[str, Any], *, durable: bool = Fa
     path = run_dir / RECORD
     tmp = run_dir / f".{RECORD}.{os.getpid()}.tmp"
     data = json.dumps(record, indent=1, default=repr) + "\n"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_record(run_dir: Path, *, root: Path | None = None) -> dict[str, Any]:

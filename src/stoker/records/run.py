@@ -156,6 +156,7 @@ class Run:
         self._forget_failure_listener: Callable[[], None] | None = None
         self._previous_sigterm: Any = None
         self._done = False
+        self._write_warned = False
         self._pid = os.getpid()
         if not self.enabled:
             return
@@ -180,7 +181,7 @@ class Run:
         with self._lock:
             for key, value in fields.items():
                 self.record[key] = jsonable(value)
-            write_record(self.dir, self.record)
+            self._write("the new fields")
 
     # -- status --------------------------------------------------------------------------
     def _summary(self) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class Run:
                 return
             self.record["heartbeat"] = now_iso()
             self.record["summary"] = self._summary()
-            write_record(self.dir, self.record)
+            self._write("the heartbeat")
 
     def finish(self, status: str = "finished", error: BaseException | str | None = None) -> None:
         """Write the final status (``finished``/``failed``/``killed``) and close the files."""
@@ -233,8 +234,29 @@ class Run:
                 }
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
-            with contextlib.suppress(OSError):
-                write_record(self.dir, self.record, durable=True)
+            self._write(f"the final status {status!r}", final=True)
+
+    def _write(self, what: str, *, final: bool = False) -> None:
+        """Write ``record.json``; a failure (a full disk) is one warning line, not an error:
+        the record stays in memory and the next write (heartbeat, finish) tries again. Only the
+        first failed update warns; the final one always does, since nothing comes after it."""
+        try:
+            write_record(self.dir, self.record, durable=final)
+        except OSError as exc:
+            if self._write_warned and not final:
+                return
+            self._write_warned = True
+            then = (
+                "; it keeps its previous content (status 'running': `stoker runs` shows the run "
+                "as killed?)"
+                if final
+                else "; later updates try again"
+            )
+            print(
+                f"stoker: warning: could not write {self.dir / RECORD} ({what}): "
+                f"{exc.strerror or exc}{then}",
+                file=sys.stderr,
+            )
 
     def _forked(self) -> None:
         """In a forked child: the run belongs to the parent; write nothing from here on."""
