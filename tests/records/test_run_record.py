@@ -249,6 +249,40 @@ def test_a_final_record_that_cannot_be_written_says_so_and_keeps_the_previous_on
     assert not list(run.dir.glob(".record.json.*"))  # no temporary file left behind
 
 
+_HOLDER = """
+import sys, time
+from stoker.records import RecordConfig, start_run
+start_run(RecordConfig(directory=sys.argv[1], save_code=False, tee_console=False))
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_live_process_is_refused_the_run_directory_a_dead_one_is_not(tmp_path):
+    import signal
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        with pytest.raises(StokerError) as refused:
+            start_run(_config(tmp_path, tee_console=False))
+        message = str(refused.value)
+        assert f"{run_dir} is in use by process {holder.pid}" in message
+        assert "\n" not in message and "another directory" in message
+        assert json.loads((run_dir / "record.json").read_text())["pid"] == holder.pid  # untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run = start_run(_config(tmp_path, tee_console=False))  # a dead owner does not block
+    run.finish()
+    assert read_record(run_dir)["status"] == "finished"
+
+
 def test_printing_goes_on_when_console_log_cannot_be_written(tmp_path, capsys):
     from stoker.records.console import ConsoleTee
 

@@ -14,6 +14,9 @@ The final status is written without the user asking: ``finished`` at a normal ex
 SIGKILLed process writes nothing; ``stoker runs`` infers ``killed`` when the status still says
 running but the process is gone (same host) or the heartbeat is stale (another host).
 
+One process at a time may write a run directory: a second live process given the same one is
+refused in one line (see :func:`stoker.records.rundir.claim`).
+
 Only the process that started the run writes: a forked child (a DataLoader worker) inherits
 the :class:`Run` with its hooks and open files, and from the fork on its copy does nothing
 (its prints are not copied into ``console.log`` either).
@@ -56,7 +59,7 @@ from stoker.records.record import (
     read_record,
     write_record,
 )
-from stoker.records.rundir import cannot_create, resolve_run_dir
+from stoker.records.rundir import Claim, cannot_create, claim, resolve_run_dir
 
 __all__ = ["RecordConfig", "Run", "start_run"]
 
@@ -143,7 +146,13 @@ def _watch_forks(run: Run) -> None:
 class Run:
     """A run being recorded. Create with :func:`start_run`."""
 
-    def __init__(self, run_dir: Path, record: dict[str, Any] | None, config: RecordConfig) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        record: dict[str, Any] | None,
+        config: RecordConfig,
+        claimed: Claim | None = None,
+    ) -> None:
         self.dir = run_dir
         self.id = run_dir.name
         self.config = config
@@ -156,6 +165,7 @@ class Run:
         self._forget_failure_listener: Callable[[], None] | None = None
         self._previous_sigterm: Any = None
         self._done = False
+        self._claim = claimed  # released once the final record is written
         self._write_warned = False
         self._pid = os.getpid()
         if not self.enabled:
@@ -235,6 +245,8 @@ class Run:
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
             self._write(f"the final status {status!r}", final=True)
+        if self._claim is not None:
+            self._claim.release()
 
     def _write(self, what: str, *, final: bool = False) -> None:
         """Write ``record.json``; a failure (a full disk) is one warning line, not an error:
@@ -339,6 +351,9 @@ def start_run(
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise cannot_create(run_dir, exc, directory=config.directory) from None
+    # Before reading or writing anything. (If the rest fails, the claim lasts until this
+    # process exits: this process may still claim it again, no other can use a half-made run.)
+    claimed = claim(run_dir, directory=config.directory)
     started = now_iso()
     attempt = {
         "started": started,
@@ -406,4 +421,4 @@ def start_run(
     )
     record["host"]["hostname"] = socket.gethostname()
     write_record(run_dir, record, durable=True)
-    return Run(run_dir, record, config)
+    return Run(run_dir, record, config, claimed)
