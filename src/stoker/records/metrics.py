@@ -13,6 +13,14 @@ events, converts to numbers and appends the lines every ``flush_seconds``; ``clo
 the rest and fsyncs. A process killed mid-write leaves at most one partial last line, which
 readers skip.
 
+What a SIGKILL loses: the lines still queued, at most the last ``flush_seconds`` (default
+0.1 s; each flush is one ``write()`` into the OS, which outlives the process, without fsync).
+Measured with ~1.6 ms steps: 0.05 s (28 steps) lost at 0.1 s, 1.0 s (619 steps) at the old
+default of 1 s; the flush interval costs the training thread nothing measurable (the same
+lines are formatted either way, on this thread). A run with checkpoints loses nothing for
+good: each save first writes every queued line (:meth:`stoker.records.Run.flush_metrics`),
+and a resumed run logs the steps after its checkpoint again.
+
 A write that fails (a full disk, a quota, an I/O error) does not stop training: the lines of
 that flush are dropped and counted in :attr:`MetricsLogger.lost`, the first error is kept in
 :attr:`MetricsLogger.error` (the run record says both) and printed once as one warning line.
@@ -77,7 +85,7 @@ class MetricsLogger:
         self,
         path: str | Path,
         *,
-        flush_seconds: float = 1.0,
+        flush_seconds: float = 0.1,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         if not flush_seconds > 0:

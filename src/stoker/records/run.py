@@ -82,8 +82,8 @@ class RecordConfig:
     """Record the git state and write uncommitted changes to ``code.patch``."""
     max_untracked_bytes: int = 1_000_000
     """Untracked files larger than this are listed, not included in the patch."""
-    flush_seconds: float = 1.0
-    """How often the background thread writes metrics."""
+    flush_seconds: float = 0.1
+    """How often the background thread writes metrics (the most a SIGKILL loses of them)."""
     heartbeat_seconds: float = 30.0
     """How often ``record.json`` is refreshed (heartbeat, steps, last metrics)."""
 
@@ -183,6 +183,13 @@ class Run:
         """Append ``metrics`` for ``step`` to ``metrics.jsonl`` (queued; tensors stay async)."""
         if self._metrics is not None and not self._done:
             self._metrics.log(metrics, step)
+
+    def flush_metrics(self) -> None:
+        """Write every metric queued so far, now, on the calling thread. It waits for the
+        device values among them (a host-device sync): for a checkpoint, which waits for the
+        device anyway, never for every step."""
+        if self._metrics is not None and not self._done and os.getpid() == self._pid:
+            self._metrics.flush()
 
     def update(self, **fields: Any) -> None:
         """Add or replace top-level fields of ``record.json`` (e.g. ``seeds=...``)."""
