@@ -104,8 +104,9 @@ def claim(run_dir: Path, *, directory: str | Path | None = None) -> Claim:
     included), so a dead owner never blocks an elastic restart or a resume; and it is not
     inherited by forked children, so DataLoader workers orphaned by a SIGKILL do not hold the
     directory either. The same process may claim a directory again (a restart within one
-    process). On a filesystem without locks (``ENOLCK``: some network mounts) the directory is
-    used unclaimed, as before.
+    process; the lock belongs to the process, so the first release ends both). On a
+    filesystem without locks (``ENOLCK``: some network mounts) the directory is used
+    unclaimed, as before.
     """
     path = run_dir / _LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
