@@ -1,6 +1,11 @@
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +76,65 @@ def test_log_returns_in_microseconds(tmp_path):
             times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 200e-6, statistics.median(times)
     assert len(read_metrics(tmp_path / "m.jsonl")) == 2000
+
+
+def test_a_full_disk_warns_once_and_counts_the_lines_it_lost(tmp_path, capsys):
+    # /dev/full fails every write with ENOSPC, as a full disk does.
+    logger = MetricsLogger("/dev/full", flush_seconds=0.01)
+    for step in range(30):
+        logger.log({"loss": torch.tensor(1.0)}, step=step)
+        time.sleep(0.002)  # several flushes, each one failing
+    logger.close()  # the training loop is not stopped, close() does not raise
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("stoker: warning: metrics could not be written to /dev/full")
+    assert "No space left on device" in err and "Traceback" not in err
+    assert logger.lost == 30 and "No space left on device" in (logger.error or "")
+
+
+JOB = str(Path(__file__).with_name("metrics_job.py"))
+
+
+def _kill_after(argv, env, until_step):
+    """Run the job until it printed ``step until_step``, SIGKILL it; its last printed line."""
+    child = subprocess.Popen(
+        [sys.executable, JOB, *argv], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in child.stdout:
+            if int(line.split()[1]) >= until_step:
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    return line.split()
+
+
+@pytest.mark.parametrize("flush_seconds", [1.0, 0.1], ids=["old-default-1s", "default-0.1s"])
+def test_sigkill_loses_at_most_one_flush_interval_of_metrics(tmp_path, flush_seconds):
+    # ~1 ms steps logging their loss, then SIGKILL: lines reach the OS (the page cache, which
+    # outlives the process) once per flush, so what is lost is the last flush_seconds at most.
+    path = tmp_path / "m.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    _, done, killed_at = _kill_after(["logger", str(flush_seconds), str(path)], env, 2000)
+    lines = read_metrics(path)
+    written = lines[-1]
+    lost_steps, lost_s = int(done) - written["step"], float(killed_at) - written["time"]
+    print(f"flush_seconds={flush_seconds}: lost {lost_steps} of {done} steps, {lost_s:.3f} s")
+    assert [r["step"] for r in lines] == list(range(1, written["step"] + 1))  # no hole
+    assert 0 <= lost_s < flush_seconds + 0.5  # the bound, plus scheduling on a busy machine
+
+
+def test_every_checkpointed_step_has_its_metrics_after_a_sigkill_and_a_resume(tmp_path):
+    # Metrics are flushed only when a checkpoint is saved (flush_seconds=600): killed after
+    # step 35, the run resumes from its step-30 checkpoint, so steps 1..30 must be on disk and
+    # 31..50 are logged again by the resumed attempt: no step of the run is missing.
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), STOKER_RUN_DIR=str(run_dir))
+    _kill_after(["stoker", "1000"], env, 35)
+    logged = {r["step"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert set(range(1, 31)) <= logged, sorted(logged)
+    subprocess.run([sys.executable, JOB, "stoker", "50"], env=env, check=True, capture_output=True)
+    logged = {r["step"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert logged == set(range(1, 51)), sorted(set(range(1, 51)) - logged)

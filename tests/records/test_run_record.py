@@ -217,3 +217,84 @@ def test_find_run_by_unique_part(tmp_path):
         find_run("beta", tmp_path)
     with pytest.raises(StokerError, match=r"no run 'gamma'.*recent ones"):
         find_run("gamma", tmp_path)
+
+
+def test_a_full_disk_is_recorded_as_incomplete_metrics(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    run = start_run(_config(tmp_path, tee_console=False))
+    for step in range(5):
+        run.log({"loss": torch.tensor(1.0)}, step=step)
+    run.finish()
+    record = read_record(run_dir)
+    assert record["status"] == "finished"
+    assert record["summary"]["lines_lost"] == 5
+    assert "No space left on device" in record["summary"]["metrics_error"]
+    assert capsys.readouterr().err.count("stoker: warning: metrics could not be written") == 1
+
+
+def test_a_final_record_that_cannot_be_written_says_so_and_keeps_the_previous_one(tmp_path, capsys):
+    run = start_run(_config(tmp_path, tee_console=False))
+    before = (run.dir / "record.json").read_text()
+    # The temporary file write_record writes beside record.json lands on a full "disk".
+    (run.dir / f".record.json.{os.getpid()}.tmp").symlink_to("/dev/full")
+    run.finish()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"stoker: warning: could not write {run.dir / 'record.json'}")
+    assert "No space left on device" in err and "'finished'" in err
+    assert (run.dir / "record.json").read_text() == before  # the earlier record, intact
+    assert json.loads(before)["status"] == "running"
+    assert not list(run.dir.glob(".record.json.*"))  # no temporary file left behind
+
+
+_HOLDER = """
+import sys, time
+from stoker.records import RecordConfig, start_run
+start_run(RecordConfig(directory=sys.argv[1], save_code=False, tee_console=False))
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_live_process_is_refused_the_run_directory_a_dead_one_is_not(tmp_path):
+    import signal
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        with pytest.raises(StokerError) as refused:
+            start_run(_config(tmp_path, tee_console=False))
+        message = str(refused.value)
+        assert f"{run_dir} is in use by process {holder.pid}" in message
+        assert "\n" not in message and "another directory" in message
+        assert json.loads((run_dir / "record.json").read_text())["pid"] == holder.pid  # untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run = start_run(_config(tmp_path, tee_console=False))  # a dead owner does not block
+    run.finish()
+    assert read_record(run_dir)["status"] == "finished"
+
+
+def test_printing_goes_on_when_console_log_cannot_be_written(tmp_path, capsys):
+    from stoker.records.console import ConsoleTee
+
+    (tmp_path / "console.log").symlink_to("/dev/full")  # every write: ENOSPC
+    tee = ConsoleTee(tmp_path / "console.log")
+    try:
+        for i in range(3):
+            print(f"step {i}")  # the loop's own prints must not raise
+    finally:
+        tee.close()
+    out, err = capsys.readouterr()
+    assert out == "step 0\nstep 1\nstep 2\n"
+    assert err.count("\n") == 1, err
+    assert err.startswith("stoker: warning: console output could not be copied to ")
+    assert "No space left on device" in err

@@ -82,3 +82,67 @@ def test_compress_reads_a_run_record_through_the_same_checks(tmp_path):
     (run / "record.json").write_text("[]")  # a traceback (AttributeError) before
     with pytest.raises(StokerError, match="JSON array where a JSON object belongs"):
         load_trained(run)
+
+
+# Each is a record.json field with a value of the wrong JSON type, as a hand edit, another
+# tool or a damaged copy could leave it.
+WRONG_TYPES = {
+    "started": 12345,
+    "host": "node-1",
+    "summary": [],
+    "heartbeat_seconds": "30",
+    "git": {"repo": 5, "revision": "abc"},
+    "world_size": "two",
+    "command": {"argv": "python train.py"},
+    "error": "boom",
+    "attempts": [3],
+    "versions": ["torch"],
+}
+
+
+@pytest.mark.parametrize("field", WRONG_TYPES)
+def test_a_wrongly_typed_field_is_one_line_in_every_reader(tmp_path, capsys, field):
+    import stoker.cli
+
+    root = tmp_path / "runs"
+    _run(root, "a")
+    _run(root, "bb", **{field: WRONG_TYPES[field]})
+    with pytest.raises(StokerError, match=rf"record.json: {field}\b.* where .* belongs"):
+        read_record(root / "bb")
+    assert stoker.cli.main(["runs", "--root", str(root)]) == 0  # the other runs are listed
+    out, err = capsys.readouterr()
+    assert "a" in out and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("stoker: warning: skipped ")
+    assert str(root / "bb") in err and field in err
+    assert stoker.cli.main(["runs", "--root", str(root), "show", "a"]) == 0
+    capsys.readouterr()
+    for argv in (
+        ["runs", "--root", str(root), "show", "bb"],
+        ["runs", "--root", str(root), "diff", "a", "bb"],
+        ["reproduce", "bb", "--root", str(root)],
+    ):
+        assert stoker.cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("stoker: error: "), (argv, err)
+        assert field in err, (argv, err)
+
+
+def test_a_truncated_record_is_named_not_dropped_silently(tmp_path, capsys):
+    import stoker.cli
+
+    root = tmp_path / "runs"
+    _run(root, "a")
+    (_run(root, "bb") / "record.json").write_text('{"id": "bb", "name": "t", "sta')
+    assert stoker.cli.main(["runs", "--root", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"stoker: warning: skipped {root / 'bb'}") and "not valid JSON" in err
+    assert stoker.cli.main(["runs", "--root", str(root), "show", "bb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stoker: error: ") and "not valid JSON" in err and err.count("\n") == 1
+
+
+def test_a_git_section_without_a_repository_is_compared_as_text(tmp_path):
+    a = _run(tmp_path, "a", git={"revision": "abc"})
+    b = _run(tmp_path, "bb", git={"revision": "def"})
+    diff = diff_runs(a, b)
+    assert "revision: abc -> def" in diff.code and "repository not available" in diff.code_note

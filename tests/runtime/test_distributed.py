@@ -17,8 +17,13 @@ JOB = str(Path(__file__).with_name("stall_job.py"))
 TIMEOUT_S = 3
 
 # (where, the rank that never comes there)
-CASES = [("barrier", 1), ("barrier", 0), ("checkpoint", 1)]
-WHAT = {"barrier": "the end of the run (Stoker.close)", "checkpoint": "a checkpoint's agreement"}
+CASES = [("barrier", 1), ("barrier", 0), ("checkpoint", 1), ("wait", 1), ("tokens", 1)]
+WHAT = {
+    "barrier": "the end of the run (Stoker.close)",
+    "checkpoint": "a checkpoint's agreement",
+    "wait": "Stoker.wait_for_everyone()",
+    "tokens": "TokenCounter.summary()",
+}
 
 
 def _free_port() -> int:

@@ -116,3 +116,26 @@ def test_dict_subclasses_keep_their_type_and_state():
 @pytest.mark.parametrize("module", [stoker.runtime.nested])
 def test_doc_examples_run(module):
     assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+class BatchEncodingLike(collections.UserDict):
+    """What ``transformers.BatchEncoding`` is, in short: a ``UserDict`` (not a dict) of tensors
+    with attribute access and extra state of its own."""
+
+    def __init__(self, data=None, encodings=None):
+        super().__init__(data)
+        self._encodings = encodings
+
+    def __getattr__(self, name):
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_a_userdict_batch_is_mapped_and_keeps_its_type():
+    batch = BatchEncodingLike({"input_ids": torch.ones(2, 3), "n": 4}, encodings=["e"])
+    out = stoker.runtime.nested.map_tensors(lambda t: t * 2, batch)
+    assert type(out) is BatchEncodingLike and out._encodings == ["e"]
+    assert torch.equal(out.input_ids, torch.full((2, 3), 2.0)) and out["n"] == 4
+    assert torch.equal(batch["input_ids"], torch.ones(2, 3))  # the original is not changed

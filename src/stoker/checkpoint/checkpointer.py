@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +149,10 @@ class Checkpointer:
         """The newest checkpoint this object saved or resumed from."""
         self.failures = 0
         """Saves that failed (filesystem errors) so far."""
+        self.before_save: Callable[[], None] | None = None
+        """Called just before each save is taken, on the thread that saves: the run
+        record writes its queued metrics there, so a checkpointed step never lacks its metrics
+        after a SIGKILL (a resume logs the later steps again)."""
         self._thread: threading.Thread | None = None
         # Host buffers reused by every async snapshot (one copy of the state in host memory).
         self._pool: dict[tuple[str, str], Any] = {}
@@ -272,6 +276,8 @@ class Checkpointer:
         target = self.directory / checkpoint_name(step)
         if step == self._last_step and self.latest == target and target.exists():
             return target
+        if self.before_save is not None:
+            self.before_save()
         async_save = self.config.async_save
         snap = snapshot(
             state,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -55,8 +57,12 @@ def _status(info: RunInfo) -> str:
     return f"[{style}]{text}[/]" if style else text
 
 
+def _skipped(run_dir: Path, why: str) -> None:
+    print(f"stoker: warning: skipped {run_dir}: {why}", file=sys.stderr)
+
+
 def _list(console: Console, root: str | None) -> int:
-    runs = list_runs(root)
+    runs = list_runs(root, on_skip=_skipped)
     if not runs:
         console.print(f"no runs under {root or 'runs'} (runs are recorded by stoker.records)")
         return 0

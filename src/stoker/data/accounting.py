@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ class TokenCounter:
     preallocated device buffer (grown by doubling, a device-side copy), the computed count
     (``B * T``) comes from the shape, so nothing waits for the device and the memory held is
     one int64 per step, not one tensor per step. Call ``summary`` at logging time, on every
-    rank at once when distributed (it all-gathers).
+    rank at once when distributed (it all-gathers, bounded by ``$STOKER_COLLECTIVE_TIMEOUT``).
     """
 
     _FIRST_CAPACITY = 1024  # steps; 8 KB
@@ -162,6 +163,7 @@ class TokenCounter:
     def __init__(self) -> None:
         self._real: Tensor | None = None  # [capacity] int64 on the batches' device
         self._computed: list[int] = []
+        self._group: Any = None  # summary()'s gloo group, made by its first distributed call
 
     @property
     def steps(self) -> int:
@@ -200,12 +202,29 @@ class TokenCounter:
         real = self._real[:n] if self._real is not None else torch.zeros(0, dtype=torch.int64)
         computed = torch.tensor(self._computed, dtype=torch.int64, device=real.device)
         counts = torch.stack([real.to(torch.int64), computed])  # [2, S]
+        host = counts.cpu()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            steps = torch.tensor([counts.shape[1]], device=counts.device)
+            stacked = self._gather(host).numpy()  # [R, 2, S]
+            return summarize_counts(stacked[:, 0], stacked[:, 1])
+        return summarize_counts(host[:1].numpy(), host[1:].numpy())
+
+    def _gather(self, counts: Tensor) -> Tensor:
+        """Every rank's host ``counts`` [2, S], stacked [R, 2, S], on a gloo group of stoker's
+        own: a rank that never calls ``summary`` fails the others in one line after
+        ``$STOKER_COLLECTIVE_TIMEOUT`` seconds (default 300) instead of torch's 30 minutes."""
+        # Imported here: stoker.runtime imports stoker.data (a cycle at the top of the module).
+        from stoker.runtime.distributed import CollectiveTimeout, collective_timeout, control_group
+
+        what = "TokenCounter.summary()"
+        dist = torch.distributed
+        if self._group is None:
+            self._group = control_group(what)
+        world = dist.get_world_size()
+        try:
+            steps = torch.tensor([counts.shape[1]])
             all_steps = [torch.empty_like(steps) for _ in range(world)]
-            dist.all_gather(all_steps, steps)
+            dist.all_gather(all_steps, steps, group=self._group)
             seen = [int(s) for s in all_steps]
             if len(set(seen)) != 1:
                 raise StokerError(
@@ -213,8 +232,7 @@ class TokenCounter:
                     f"TokenCounter.update once per step (use the stoker samplers: equal steps)."
                 )
             gathered = [torch.empty_like(counts) for _ in range(world)]
-            dist.all_gather(gathered, counts)
-            stacked = torch.stack(gathered).cpu().numpy()  # [R, 2, S]
-            return summarize_counts(stacked[:, 0], stacked[:, 1])
-        host = counts.cpu().numpy()
-        return summarize_counts(host[:1], host[1:])
+            dist.all_gather(gathered, counts, group=self._group)
+        except RuntimeError as exc:  # gloo's timeout (DistBackendError is a RuntimeError)
+            raise CollectiveTimeout.from_error(what, exc, collective_timeout()) from exc
+        return torch.stack(gathered)

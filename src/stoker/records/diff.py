@@ -87,8 +87,8 @@ def _code_diff(
     if not ga or not gb:
         return "", "no git information in one of the runs; code not compared"
     patch_a, patch_b = _read_patch(dir_a, rec_a), _read_patch(dir_b, rec_b)
-    repo = Path(ga["repo"])
-    if ga.get("repo") == gb.get("repo") and repo.is_dir():
+    repo = Path(ga.get("repo") or "")  # a record without a repository: compared as text
+    if ga.get("repo") and ga.get("repo") == gb.get("repo") and repo.is_dir():
         try:
             tree_a = _git.code_tree(repo, ga.get("revision"), patch_a)
             tree_b = _git.code_tree(repo, gb.get("revision"), patch_b)

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ def _parse_time(text: Any) -> _dt.datetime | None:
     if not isinstance(text, str):
         return None
     try:
-        return _dt.datetime.fromisoformat(text)
+        when = _dt.datetime.fromisoformat(text)
     except ValueError:
         return None
+    # stoker writes UTC with its offset; a time without one (edited by hand) is taken as UTC
+    # rather than failing every comparison with an aware one.
+    return when if when.tzinfo is not None else when.replace(tzinfo=_dt.timezone.utc)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -160,8 +164,14 @@ def run_info(run_dir: Path, *, root: Path | None = None) -> RunInfo:
     )
 
 
-def list_runs(root: str | Path | None = None) -> list[RunInfo]:
-    """Every run directory under ``root`` (default ./runs), oldest first."""
+def list_runs(
+    root: str | Path | None = None, *, on_skip: Callable[[Path, str], None] | None = None
+) -> list[RunInfo]:
+    """Every run directory under ``root`` (default ./runs), oldest first.
+
+    A directory whose ``record.json`` cannot be read (truncated, of the wrong shape, a FIFO,
+    linked in from outside ``root``) is left out, and ``on_skip(directory, why)`` is told.
+    """
     base = runs_root(root)
     if not base.is_dir():
         return []
@@ -170,8 +180,11 @@ def list_runs(root: str | Path | None = None) -> list[RunInfo]:
         if child.is_dir() and (child / RECORD).is_file():
             try:
                 runs.append(run_info(child, root=base))  # not a run linked in from elsewhere
-            except (OSError, ValueError):
-                continue
+            except (OSError, ValueError) as exc:
+                if on_skip is not None:
+                    on_skip(
+                        child, str(exc) if isinstance(exc, ValueError) else exc.strerror or str(exc)
+                    )
     runs.sort(key=lambda r: (r.record.get("started") or "", r.id))
     return runs
 
@@ -183,7 +196,11 @@ def find_run(ref: str, root: str | Path | None = None) -> Path:
     if (as_path / RECORD).is_file():
         return as_path
     base = runs_root(root)
-    runs = list_runs(base)
+    skipped: dict[Path, str] = {}
+    runs = list_runs(base, on_skip=skipped.__setitem__)
+    unreadable = [why for path, why in skipped.items() if path.name == ref]
+    if unreadable:  # the run asked for is there, but its record cannot be used: say why
+        raise StokerError(f"run {ref}: {unreadable[0]}")
     if not runs:
         raise StokerError(f"no runs under {base}; pass --root DIR if they are elsewhere")
     if ref.startswith("-") and ref[1:].isdigit():

@@ -12,13 +12,28 @@ later in-place update from changing what was logged). A background thread waits 
 events, converts to numbers and appends the lines every ``flush_seconds``; ``close()`` writes
 the rest and fsyncs. A process killed mid-write leaves at most one partial last line, which
 readers skip.
+
+What a SIGKILL loses: the lines still queued, at most the last ``flush_seconds`` (default
+0.1 s; each flush is one ``write()`` into the OS, which outlives the process, without fsync).
+Measured with ~1.6 ms steps: 0.05 s (28 steps) lost at 0.1 s, 1.0 s (619 steps) at the old
+default of 1 s; the flush interval costs the training thread nothing measurable (the same
+lines are formatted either way, on this thread). A run with checkpoints loses nothing for
+good: each save first writes every queued line (:meth:`stoker.records.Run.flush_metrics`),
+and a resumed run logs the steps after its checkpoint again.
+
+A write that fails (a full disk, a quota, an I/O error) does not stop training: the lines of
+that flush are dropped and counted in :attr:`MetricsLogger.lost`, the first error is kept in
+:attr:`MetricsLogger.error` (the run record says both) and printed once as one warning line.
+Later flushes try again, so lines logged after space is freed are written.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -70,7 +85,7 @@ class MetricsLogger:
         self,
         path: str | Path,
         *,
-        flush_seconds: float = 1.0,
+        flush_seconds: float = 0.1,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         if not flush_seconds > 0:
@@ -89,8 +104,15 @@ class MetricsLogger:
         self.last: dict[str, Any] = {}
         """The newest written value of each metric."""
         self.lines = 0
+        self.lost = 0
+        """Lines that could not be written (a full disk): dropped, not retried."""
+        self.error: str | None = None
+        """The first write error, if any: the file is missing :attr:`lost` lines."""
+        self._torn = False  # a failed write may have left a partial line at the end
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        # Unbuffered: each flush is one write() straight to the OS, so nothing of a failed
+        # write lingers in a Python buffer to be written twice, or later out of order.
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
         self._thread = threading.Thread(target=self._run, name="stoker-metrics", daemon=True)
         self._thread.start()
 
@@ -128,7 +150,7 @@ class MetricsLogger:
                 self.flush()
                 if self._on_tick is not None:
                     self._on_tick()
-            except Exception:  # a full disk must not kill training; close() reports
+            except Exception:  # never end the thread (a failed write is handled in _write)
                 import logging
 
                 logging.getLogger(__name__).exception("writing %s failed", self.path)
@@ -150,9 +172,33 @@ class MetricsLogger:
                     self.last_step = step
                 lines.append(json.dumps(record, default=repr) + "\n")
             if lines:
-                self._file.write("".join(lines))
-                self._file.flush()
-                self.lines += len(lines)
+                self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        # A partial line left by a failed write is ended first: it stays one unreadable
+        # line (readers skip it) instead of swallowing the next one.
+        data = ("\n" if self._torn else "") + "".join(lines)
+        try:
+            view = memoryview(data.encode("utf-8"))
+            while view:  # write() may take part of the data
+                view = view[self._file.write(view) or 0 :]
+        except OSError as exc:
+            self._torn = True
+            self._failed(exc, len(lines))
+            return
+        self._torn = False
+        self.lines += len(lines)
+
+    def _failed(self, exc: OSError, lines: int) -> None:
+        self.lost += lines
+        if self.error is None:
+            self.error = f"{exc.strerror or exc}"
+            print(
+                f"stoker: warning: metrics could not be written to {self.path} ({self.error}); "
+                "training goes on, and the lines that cannot be written are dropped and counted "
+                "(record.json: summary.lines_lost)",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         """Write everything still queued, fsync, stop the thread. Idempotent."""
@@ -163,7 +209,11 @@ class MetricsLogger:
         self._thread.join()
         self.flush()
         with self._lock:
-            os.fsync(self._file.fileno())
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: a file that cannot be synced (a pipe)
+                    self._failed(exc, 0)
             self._file.close()
 
     def abandon(self) -> None:

@@ -15,12 +15,14 @@ Fields (``schema`` 1)::
     (UTC ISO times), attempts (one entry per start: elastic restarts, resumes),
     summary: steps (last logged step), last (the last value of each metric)
 
-The file is replaced atomically (write beside, rename) each time it is updated.
+The file is replaced atomically (write beside, rename) each time it is updated: a write that
+fails (a full disk, a permission) leaves the previous record whole, and no temporary file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from stoker import safe_files
+from stoker.errors import StokerError
 
 __all__ = [
     "RECORD",
@@ -104,16 +107,111 @@ def write_record(run_dir: Path, record: Mapping[str, Any], *, durable: bool = Fa
     path = run_dir / RECORD
     tmp = run_dir / f".{RECORD}.{os.getpid()}.tmp"
     data = json.dumps(record, indent=1, default=repr) + "\n"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# The JSON type of each field a reader uses (see the module docstring); a nested dict is the
+# shape of an object, ``[t]`` a list of ``t``. Any field may be absent or null (older records,
+# a run still starting); ``config``, ``settings``, ``seeds`` are the user's, of any shape.
+_SHAPE: dict[str, Any] = {
+    "schema": int,
+    "id": str,
+    "name": str,
+    "status": str,
+    "error": {"type": str, "message": str, "traceback": str},
+    "command": {
+        "argv": [str],
+        "orig_argv": [str],
+        "executable": str,
+        "cwd": str,
+        "script": str,
+        "script_args": [str],
+        "launcher": str,
+    },
+    "git": {
+        "repo": str,
+        "revision": str,
+        "branch": str,
+        "dirty": bool,
+        "patch": str,
+        "untracked_included": list,
+        "untracked_skipped": list,
+    },
+    "packages": dict,
+    "versions": dict,
+    "host": {"hostname": str, "gpus": [dict]},
+    "world_size": int,
+    "pid": int,
+    "pid_start": int,
+    "started": str,
+    "ended": str,
+    "heartbeat": str,
+    "heartbeat_seconds": (int, float),
+    "attempts": [dict],
+    "summary": {"steps": int, "last": dict, "lines": int, "lines_lost": int, "metrics_error": str},
+    "resumed_from": dict,
+}
+_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "true/false"}
+
+
+def _name(t: type) -> str:
+    return _NAMES.get(t, "a number" if t in (int, float) else t.__name__)
+
+
+def _types(shape: Any) -> tuple[type, ...]:
+    if isinstance(shape, dict):
+        return (dict,)
+    if isinstance(shape, list):
+        return (list,)
+    return shape if isinstance(shape, tuple) else (shape,)
+
+
+def _wrong(value: Any, shape: Any) -> str | None:
+    """What is wrong with the type of ``value`` for ``shape`` (None: nothing; null is fine)."""
+    wanted = _types(shape)
+    if value is None or (
+        isinstance(value, wanted) and (bool in wanted or not isinstance(value, bool))
+    ):
+        return None
+    shown = json.dumps(value, default=repr)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    names = " or ".join(dict.fromkeys(_name(t) for t in wanted))
+    return f"is {_name(type(value))} ({shown}) where {names} belongs"
+
+
+def _check(value: Any, shape: Any, name: str, path: Path) -> None:
+    problem = _wrong(value, shape)
+    if problem is not None:
+        raise StokerError(
+            f"{path}: {name} {problem}; it is not a record stoker wrote (restore it, or remove "
+            "the run directory)"
+        )
+    if isinstance(shape, dict) and value is not None:
+        for key, sub in shape.items():
+            _check(value.get(key), sub, f"{name}.{key}", path)
+    elif isinstance(shape, list) and value is not None:
+        for i, item in enumerate(value):
+            _check(item, shape[0], f"{name}[{i}]", path)
 
 
 def read_record(run_dir: Path, *, root: Path | None = None) -> dict[str, Any]:
     """The parsed ``record.json`` of ``run_dir``; raises OSError if it cannot be opened, and
-    :class:`~stoker.errors.StokerError` (a ValueError) if it is not a regular file of at most
-    16 MiB holding a JSON object, or (with ``root``) resolves outside ``root``."""
-    return safe_files.read_json(Path(run_dir) / RECORD, expect=dict, limit=RECORD_LIMIT, root=root)
+    :class:`~stoker.errors.StokerError` (a ValueError) in one line if it is not a regular file
+    of at most 16 MiB holding a JSON object whose fields have the types stoker writes (a
+    ``"started": 12345`` is refused here, not met as a TypeError by every reader), or (with
+    ``root``) resolves outside ``root``."""
+    path = Path(run_dir) / RECORD
+    record = safe_files.read_json(path, expect=dict, limit=RECORD_LIMIT, root=root)
+    for name, shape in _SHAPE.items():
+        _check(record.get(name), shape, name, path)
+    return record

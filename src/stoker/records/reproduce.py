@@ -121,7 +121,15 @@ def _command(record: dict[str, Any], repo: Path, worktree: Path) -> list[str]:
     command = record.get("command") or {}
     launcher = command.get("launcher")
     if launcher:
-        argv = json.loads(launcher) if launcher.startswith("[") else launcher.split()
+        try:
+            argv = json.loads(launcher) if launcher.startswith("[") else launcher.split()
+        except json.JSONDecodeError:
+            argv = None
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise StokerError(
+                f"the run record's command.launcher {launcher[:80]!r} is not a command line; "
+                "it cannot be re-run"
+            )
         return [_map_path(a, repo, worktree) for a in argv]
     orig = list(command.get("orig_argv") or [])
     argv = list(command.get("argv") or [])
@@ -161,8 +169,8 @@ def reproduce(
             f"run {run_dir.name} was recorded in a repository without any commit; commit once "
             "so runs have a revision to return to"
         )
-    repo = Path(git_info["repo"])
-    if not repo.is_dir():
+    repo = Path(git_info.get("repo") or "")
+    if not git_info.get("repo") or not repo.is_dir():
         raise StokerError(f"the run's repository {repo} does not exist on this machine")
     try:
         _git.git(repo, "cat-file", "-e", f"{revision}^{{commit}}")

@@ -14,6 +14,9 @@ The final status is written without the user asking: ``finished`` at a normal ex
 SIGKILLed process writes nothing; ``stoker runs`` infers ``killed`` when the status still says
 running but the process is gone (same host) or the heartbeat is stale (another host).
 
+One process at a time may write a run directory: a second live process given the same one is
+refused in one line (see :func:`stoker.records.rundir.claim`).
+
 Only the process that started the run writes: a forked child (a DataLoader worker) inherits
 the :class:`Run` with its hooks and open files, and from the fork on its copy does nothing
 (its prints are not copied into ``console.log`` either).
@@ -56,7 +59,7 @@ from stoker.records.record import (
     read_record,
     write_record,
 )
-from stoker.records.rundir import cannot_create, resolve_run_dir
+from stoker.records.rundir import Claim, cannot_create, claim, resolve_run_dir
 
 __all__ = ["RecordConfig", "Run", "start_run"]
 
@@ -79,8 +82,8 @@ class RecordConfig:
     """Record the git state and write uncommitted changes to ``code.patch``."""
     max_untracked_bytes: int = 1_000_000
     """Untracked files larger than this are listed, not included in the patch."""
-    flush_seconds: float = 1.0
-    """How often the background thread writes metrics."""
+    flush_seconds: float = 0.1
+    """How often the background thread writes metrics (the most a SIGKILL loses of them)."""
     heartbeat_seconds: float = 30.0
     """How often ``record.json`` is refreshed (heartbeat, steps, last metrics)."""
 
@@ -143,7 +146,13 @@ def _watch_forks(run: Run) -> None:
 class Run:
     """A run being recorded. Create with :func:`start_run`."""
 
-    def __init__(self, run_dir: Path, record: dict[str, Any] | None, config: RecordConfig) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        record: dict[str, Any] | None,
+        config: RecordConfig,
+        claimed: Claim | None = None,
+    ) -> None:
         self.dir = run_dir
         self.id = run_dir.name
         self.config = config
@@ -156,6 +165,8 @@ class Run:
         self._forget_failure_listener: Callable[[], None] | None = None
         self._previous_sigterm: Any = None
         self._done = False
+        self._claim = claimed  # released once the final record is written
+        self._write_warned = False
         self._pid = os.getpid()
         if not self.enabled:
             return
@@ -173,6 +184,13 @@ class Run:
         if self._metrics is not None and not self._done:
             self._metrics.log(metrics, step)
 
+    def flush_metrics(self) -> None:
+        """Write every metric queued so far, now, on the calling thread. It waits for the
+        device values among them (a host-device sync): for a checkpoint, which waits for the
+        device anyway, never for every step."""
+        if self._metrics is not None and not self._done and os.getpid() == self._pid:
+            self._metrics.flush()
+
     def update(self, **fields: Any) -> None:
         """Add or replace top-level fields of ``record.json`` (e.g. ``seeds=...``)."""
         if not self.enabled or os.getpid() != self._pid:
@@ -180,14 +198,20 @@ class Run:
         with self._lock:
             for key, value in fields.items():
                 self.record[key] = jsonable(value)
-            write_record(self.dir, self.record)
+            self._write("the new fields")
 
     # -- status --------------------------------------------------------------------------
     def _summary(self) -> dict[str, Any]:
         m = self._metrics
         if m is None:
             return {}
-        return {"steps": m.last_step, "last": jsonable(dict(m.last)), "lines": m.lines}
+        return {
+            "steps": m.last_step,
+            "last": jsonable(dict(m.last)),
+            "lines": m.lines,
+            "lines_lost": m.lost,  # > 0, or metrics_error set: metrics.jsonl is incomplete
+            "metrics_error": m.error,
+        }
 
     def _tick(self) -> None:
         if time.monotonic() - self._last_beat < self.config.heartbeat_seconds:
@@ -198,7 +222,7 @@ class Run:
                 return
             self.record["heartbeat"] = now_iso()
             self.record["summary"] = self._summary()
-            write_record(self.dir, self.record)
+            self._write("the heartbeat")
 
     def finish(self, status: str = "finished", error: BaseException | str | None = None) -> None:
         """Write the final status (``finished``/``failed``/``killed``) and close the files."""
@@ -227,8 +251,31 @@ class Run:
                 }
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
-            with contextlib.suppress(OSError):
-                write_record(self.dir, self.record, durable=True)
+            self._write(f"the final status {status!r}", final=True)
+        if self._claim is not None:
+            self._claim.release()
+
+    def _write(self, what: str, *, final: bool = False) -> None:
+        """Write ``record.json``; a failure (a full disk) is one warning line, not an error:
+        the record stays in memory and the next write (heartbeat, finish) tries again. Only the
+        first failed update warns; the final one always does, since nothing comes after it."""
+        try:
+            write_record(self.dir, self.record, durable=final)
+        except OSError as exc:
+            if self._write_warned and not final:
+                return
+            self._write_warned = True
+            then = (
+                "; it keeps its previous content (status 'running': `stoker runs` shows the run "
+                "as killed?)"
+                if final
+                else "; later updates try again"
+            )
+            print(
+                f"stoker: warning: could not write {self.dir / RECORD} ({what}): "
+                f"{exc.strerror or exc}{then}",
+                file=sys.stderr,
+            )
 
     def _forked(self) -> None:
         """In a forked child: the run belongs to the parent; write nothing from here on."""
@@ -311,6 +358,9 @@ def start_run(
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise cannot_create(run_dir, exc, directory=config.directory) from None
+    # Before reading or writing anything. (If the rest fails, the claim lasts until this
+    # process exits: this process may still claim it again, no other can use a half-made run.)
+    claimed = claim(run_dir, directory=config.directory)
     started = now_iso()
     attempt = {
         "started": started,
@@ -378,4 +428,4 @@ def start_run(
     )
     record["host"]["hostname"] = socket.gethostname()
     write_record(run_dir, record, durable=True)
-    return Run(run_dir, record, config)
+    return Run(run_dir, record, config, claimed)

@@ -6,7 +6,8 @@ module reads them, joins the process group (gloo on CPU, nccl on CUDA) and leave
 else to ``torch.distributed``.
 
 Every collective stoker adds outside the training step (the barrier at the end of the run, a
-checkpoint's agreements) runs on a gloo group created with a timeout of
+checkpoint's agreements, :meth:`Stoker.wait_for_everyone`, ``TokenCounter.summary``) runs on a
+gloo group created with a timeout of
 ``$STOKER_COLLECTIVE_TIMEOUT`` seconds (default 300): when a rank died or is stuck elsewhere,
 the others stop with one line naming it (:class:`CollectiveTimeout`) and a non-zero exit, which
 torchrun's elastic agent sees as a failure (and restarts, with ``--max-restarts``), instead of
@@ -31,6 +32,7 @@ __all__ = [
     "COLLECTIVE_TIMEOUT_ENV",
     "CollectiveTimeout",
     "DistributedContext",
+    "barrier",
     "collective_timeout",
     "control_group",
     "init_distributed",
@@ -106,6 +108,18 @@ def wait_for_ranks(group: Any, what: str) -> None:
         )
     except RuntimeError as exc:
         raise CollectiveTimeout.from_error(what, exc, timeout_s) from exc
+
+
+def barrier(ctx: DistributedContext, what: str) -> None:
+    """Wait for every rank of ``ctx`` (nothing with one process); on stoker's own group, for
+    at most the collective timeout (:func:`wait_for_ranks`). A process group the user created
+    keeps the timeout the user gave it: stoker has no group of its own there."""
+    if not ctx.enabled:
+        return
+    if ctx.group is not None:
+        wait_for_ranks(ctx.group, what)
+    else:
+        dist.barrier()
 
 
 @dataclass(frozen=True, slots=True)

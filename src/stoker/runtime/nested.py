@@ -8,8 +8,10 @@ a plain ``dict`` it loses ``.loss``. So every container is rebuilt as its own ty
 - a dataclass instance (``ModelOutput`` included): ``dataclasses.replace`` with its mapped
   ``__init__`` fields, which runs ``__init__`` and ``__post_init__`` again, as the model did;
 - a namedtuple: ``type(t)(*items)``; another list or tuple: ``type(t)(items)``;
-- a plain dict: a new dict; a dict subclass: ``copy.copy`` and then item assignment (keeps
-  ``OrderedDict`` order, a ``defaultdict``'s factory, instance attributes);
+- a plain dict: a new dict; a dict subclass or another mutable mapping (HF ``BatchEncoding``
+  is a ``UserDict``, not a dict): ``copy.copy`` and then item assignment (keeps ``OrderedDict``
+  order, a ``defaultdict``'s factory, instance attributes such as ``BatchEncoding``'s
+  encodings);
 - anything else (numbers, strings, None, unknown objects) as it is.
 
     >>> import collections, torch
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -45,10 +47,10 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
         return type(obj)(*(map_tensors(fn, o) for o in obj))
     if isinstance(obj, list | tuple):
         return type(obj)(map_tensors(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        if type(obj) is dict:
-            return {k: map_tensors(fn, v) for k, v in obj.items()}
-        out = copy.copy(obj)
+    if type(obj) is dict:
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, MutableMapping):
+        out = copy.copy(obj)  # a UserDict's copy has its own ``data``: the original is kept
         for k, v in obj.items():
             out[k] = map_tensors(fn, v)
         return out

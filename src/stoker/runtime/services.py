@@ -114,6 +114,7 @@ class RunServices:
         self.checkpointer = Checkpointer(
             self._checkpoint_dir(), self.checkpoint_config or CheckpointConfig()
         )
+        self.checkpointer.before_save = self.run.flush_metrics  # see Checkpointer.before_save
         if self.resume_from == "never":
             return None
         if self.resume_from != "auto":

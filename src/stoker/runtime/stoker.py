@@ -33,6 +33,7 @@ from stoker.runtime.boundary import StepBoundary, capture_boundary
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import (
     DistributedContext,
+    barrier,
     init_distributed,
     shard_loader,
     wait_for_ranks,
@@ -654,5 +655,4 @@ class Stoker:
 
     def wait_for_everyone(self) -> None:
         """A barrier across ranks (no-op with one process)."""
-        if self.dist.enabled:
-            dist.barrier()
+        barrier(self.dist, "Stoker.wait_for_everyone()")
