@@ -2,7 +2,8 @@
 and validation quality — the numbers issue 6 asks for.
 
 The trained model is the README's main job's (``python examples/train_mlm.py`` leaves its
-final checkpoint in ``runs/<id>-train_mlm/``); ``--source`` picks another run or checkpoint.
+final checkpoint in ``runs/<id>-train_mlm/``; the latest is the default); ``--source`` picks
+another run or checkpoint.
 Every form is compressed, saved, loaded back with ``stoker.compress.load_compressed`` (the
 serving path, compiled unless ``--no-compile``) and called with rows of a validation batch
 (128 tokens, masked positions predicted, as in training):
@@ -44,18 +45,26 @@ from stoker.compress import (
     select_form,
 )
 from stoker.data import load_token_documents, load_tokenizer, mlm_loader, model_inputs
-from stoker.records.listing import find_run
+from stoker.records.listing import find_run, latest_run
 from stoker.runtime import matmul_speed
 
 parser = bench_parser("Compressed-model latency, size and accuracy against fp32.", repeats=20)
-parser.add_argument("--source", default="-1", help="run dir, run id or checkpoint (-1: latest)")
+parser.add_argument(
+    "--source",
+    default="train_mlm",
+    help="run dir, run id or checkpoint (default: the latest run of examples/train_mlm.py; "
+    "-1: the latest run of any script)",
+)
 parser.add_argument("--eval-batches", type=int, default=50)
 parser.add_argument("--finetune-steps", type=int, default=200)
 parser.add_argument("--batch-sizes", default="1,32")
 parser.add_argument("--no-compile", action="store_true")
 args = parser.parse_args()
 quick = args.quick
-source = Path(args.source) if Path(args.source).exists() else find_run(args.source)
+if args.source == "train_mlm":
+    source = latest_run("train_mlm")
+else:
+    source = Path(args.source) if Path(args.source).exists() else find_run(args.source)
 trained = load_trained(source)
 bench = Bench.from_args(
     "compress",

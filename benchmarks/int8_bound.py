@@ -191,7 +191,7 @@ def main() -> None:
     from stoker.compress.quantize import build_runnable, serving_inputs
     from stoker.data import load_token_documents, load_tokenizer, mlm_loader, model_inputs
     from stoker.errors import StokerError
-    from stoker.records.listing import find_run, list_runs
+    from stoker.records.listing import find_run, latest_run
     from stoker.runtime import bf16_is_fast
 
     parser = bench_parser("Amdahl bound on int8-static's speed-up over fp32, measured.")
@@ -206,10 +206,7 @@ def main() -> None:
     tokenizer = load_tokenizer(progress=True)
     try:
         if args.source == MAIN_JOB:
-            jobs = [r for r in list_runs() if MAIN_JOB in r.id]
-            if not jobs:
-                raise StokerError(f"no {MAIN_JOB} run under ./runs")
-            source = jobs[-1].dir
+            source = latest_run(MAIN_JOB)
         else:
             source = Path(args.source) if Path(args.source).exists() else find_run(args.source)
         trained = load_trained(source)

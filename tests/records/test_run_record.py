@@ -219,6 +219,20 @@ def test_find_run_by_unique_part(tmp_path):
         find_run("gamma", tmp_path)
 
 
+def test_latest_run_of_a_script_by_its_name(tmp_path):
+    from stoker.errors import StokerError
+    from stoker.records.listing import latest_run
+
+    runs = [("20250101-000000-train", "train"), ("20250102-000000-train-2", "train")]
+    for rid, name in [*runs, ("20250103-000000-bench", "bench")]:
+        (tmp_path / rid).mkdir()
+        record = {"id": rid, "name": name, "started": rid}
+        (tmp_path / rid / "record.json").write_text(json.dumps(record))
+    assert latest_run("train", tmp_path).name == "20250102-000000-train-2"
+    with pytest.raises(StokerError, match="no eval run under"):
+        latest_run("eval", tmp_path)
+
+
 def test_a_full_disk_is_recorded_as_incomplete_metrics(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

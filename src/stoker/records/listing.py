@@ -16,7 +16,7 @@ from stoker.errors import StokerError
 from stoker.records.record import METRICS, RECORD, pid_start_time, read_record
 from stoker.records.rundir import runs_root
 
-__all__ = ["RunInfo", "effective_status", "find_run", "list_runs", "tail_metrics"]
+__all__ = ["RunInfo", "effective_status", "find_run", "latest_run", "list_runs", "tail_metrics"]
 
 # A heartbeat older than this many heartbeat periods means the process is gone.
 _STALE_BEATS = 4
@@ -187,6 +187,15 @@ def list_runs(
                     )
     runs.sort(key=lambda r: (r.record.get("started") or "", r.id))
     return runs
+
+
+def latest_run(name: str, root: str | Path | None = None) -> Path:
+    """The newest run named ``name`` (by default a run is named after its script)."""
+    base = runs_root(root)
+    runs = [r for r in list_runs(base) if r.name == name]
+    if not runs:
+        raise StokerError(f"no {name} run under {base}")
+    return runs[-1].dir
 
 
 def find_run(ref: str, root: str | Path | None = None) -> Path:
