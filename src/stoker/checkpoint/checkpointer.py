@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from stoker.checkpoint._dist import Coordinator
 from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch, CheckpointWarning
+from stoker.checkpoint.interval import AutoInterval
 from stoker.checkpoint.resume import (
     checkpoint_name,
     list_checkpoints,
@@ -74,6 +75,13 @@ class CheckpointConfig:
     """Save when ``step % every_steps == 0``; None: not step-triggered."""
     every_minutes: float | None = None
     """Save when this many minutes passed since the last save (or the start); None: never."""
+    every: Literal["auto"] | None = None
+    """``"auto"``: the interval that minimises expected lost time for ``mtbf_hours``, from
+    the save cost and step time measured during the run (Young–Daly; see
+    :mod:`stoker.checkpoint.interval`), re-planned after every save."""
+    mtbf_hours: float | None = None
+    """Mean time between failures of the job (for ``every="auto"``): e.g. 0.25 at 100k GPUs,
+    24 for a few nodes."""
     keep_last: int | None = 3
     """Delete older checkpoints beyond the newest K after each successful save; None keeps all."""
     on_error: Literal["warn", "raise"] = "warn"
@@ -91,6 +99,14 @@ class CheckpointConfig:
             raise StokerError(
                 f"every_minutes={self.every_minutes}; use a positive number of minutes or None"
             )
+        if self.every is not None:
+            if self.every != "auto" or not (self.mtbf_hours is not None and self.mtbf_hours > 0):
+                raise StokerError(
+                    f"every={self.every!r}, mtbf_hours={self.mtbf_hours}; use every='auto' with "
+                    "the job's mean time between failures, e.g. mtbf_hours=4"
+                )
+            if self.every_steps is not None:
+                raise StokerError("every='auto' sets the interval itself; drop every_steps")
         if self.keep_last is not None and self.keep_last < 1:
             raise StokerError(
                 f"keep_last={self.keep_last}; keep at least 1 checkpoint, or None to keep all"
@@ -140,11 +156,17 @@ class Checkpointer:
         self.directory = Path(directory)
         self.config = config or CheckpointConfig()
         self._coord = Coordinator()
-        # A second group for time-trigger votes from the loop's thread, so they never
-        # interleave with a background save's collectives.
-        self._vote = Coordinator() if self.config.every_minutes is not None else self._coord
+        # A second group for time-trigger votes and auto-interval plans from the loop's
+        # thread, so they never interleave with a background save's collectives.
+        separate = self.config.every_minutes is not None or self.config.every == "auto"
+        self._vote = Coordinator() if separate else self._coord
         self._last_time = time.monotonic()
         self._last_step: int | None = None
+        self.auto: AutoInterval | None = None
+        """With ``every="auto"``: the measured costs and the planned next save."""
+        if self.config.every == "auto" and self.config.mtbf_hours is not None:
+            self.auto = AutoInterval(self.config.mtbf_hours * 3600)
+            self.auto.started(0)
         self.latest: Path | None = None
         """The newest checkpoint this object saved or resumed from."""
         self.failures = 0
@@ -234,6 +256,8 @@ class Checkpointer:
         self.latest = restore.directory
         self._last_step = step
         self._last_time = time.monotonic()
+        if self.auto is not None:
+            self.auto.started(step)
         log.info("resumed from %s", restore.directory)
         return step
 
@@ -245,6 +269,8 @@ class Checkpointer:
         cfg = self.config
         if cfg.every_steps is not None and step % cfg.every_steps == 0:
             return True
+        if self.auto is not None and step >= self.auto.next_step:
+            return True  # rank 0 planned it and every rank holds the same plan
         if cfg.every_minutes is None:
             return False
         if self._vote.enabled and step % _TIME_AGREE_EVERY != 0:
@@ -272,6 +298,7 @@ class Checkpointer:
         With ``async_save`` the path is returned once the state is copied; the files are
         complete after :meth:`wait`.
         """
+        started = time.monotonic()
         self.wait()  # a previous background write must finish before its buffers are reused
         target = self.directory / checkpoint_name(step)
         if step == self._last_step and self.latest == target and target.exists():
@@ -296,13 +323,23 @@ class Checkpointer:
                 name="stoker-checkpoint",
             )
             self._thread.start()
+            self._plan_next(step, time.monotonic() - started)
             return target
         try:
             self._write(target, snap, step)
         except CheckpointError as exc:
+            self._plan_next(step, time.monotonic() - started)
             self._failed(exc)
             return None
+        self._plan_next(step, time.monotonic() - started)
         return target
+
+    def _plan_next(self, step: int, blocked_seconds: float) -> None:
+        if self.auto is None:
+            return
+        planned = self.auto.saved(step, blocked_seconds)
+        if self._vote.enabled:  # rank 0's measurement decides, so every rank saves together
+            self.auto.next_step = self._vote.broadcast_int(planned)
 
     def _write(self, target: Path, snap: Any, step: int) -> None:
         write_snapshot(target, snap, self._coord, step=step)
