@@ -286,7 +286,9 @@ def line_chart(
         # Segments of the kept points: a break in the original indices, or after a gap of
         # non-finite values, starts a new one.
         kept_index = np.flatnonzero(ok)
-        seg_starts = sorted({0, *np.searchsorted(kept_index, list(s.breaks)).tolist()})
+        gaps = (np.flatnonzero(np.diff(kept_index) > 1) + 1).tolist()
+        resumed = np.searchsorted(kept_index, list(s.breaks)).tolist()
+        seg_starts = sorted({0, *gaps, *resumed})
         seg_starts = [i for i in seg_starts if i < len(xs)]
         px_parts, py_parts, new_breaks = [], [], []
         count = 0

@@ -40,6 +40,17 @@ def write_atomic(path: Path, text: str) -> None:
         ) from None
 
 
+def _output(path: Path) -> Path:
+    if path.is_dir():
+        path = path / REPORT
+    if not path.parent.is_dir():
+        raise StokerError(
+            f"cannot write the report to {path}: {path.parent} is not a directory; create it "
+            "or pass another -o"
+        )
+    return path
+
+
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -54,19 +65,11 @@ def write_report(
         run_dirs = [run_dirs]
     if not run_dirs:
         raise StokerError("write_report() needs at least one run directory")
+    path = None if out is None else _output(Path(out))  # refused before any work
     runs = [load_run(Path(d)) for d in run_dirs]
     diffs = [diff_runs(runs[0].dir, r.dir) for r in runs[1:]]
-    if out is None:
-        path = runs[0].dir / REPORT if len(runs) == 1 else Path(REPORT)
-    else:
-        path = Path(out)
-        if path.is_dir():
-            path = path / REPORT
-    if not path.parent.is_dir():
-        raise StokerError(
-            f"cannot write the report to {path}: {path.parent} is not a directory; create it "
-            "or pass another -o"
-        )
+    if path is None:
+        path = _output(runs[0].dir / REPORT if len(runs) == 1 else Path(REPORT))
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = render_page(runs, diffs, generated=f"written {now} by stoker {__version__}")
     write_atomic(path, page)
