@@ -215,23 +215,17 @@ def _curves(runs: Sequence[RunData], names: list[str], dots: bool) -> str:
 
 
 def _last_values(runs: Sequence[RunData], names: list[str]) -> str:
-    header = ["metric", *(r.id for r in runs)] if len(runs) > 1 else ["metric", "last", "best"]
+    """The last value of each metric per run (one run: also its finite min and max)."""
+    if len(runs) > 1:
+        rows = [[name, *(_last(r.metrics.get(name)) for r in runs)] for name in names]
+        return _table(rows, ["metric", *(r.id for r in runs)])
     rows = []
     for name in names:
-        if len(runs) > 1:
-            rows.append(
-                [name, *(_last(r.metrics.get(name)) for r in runs)],
-            )
-        else:
-            m = runs[0].metrics[name]
-            finite = m.values[np.isfinite(m.values)]
-            best = (
-                None
-                if not len(finite)
-                else float(finite.max() if "acc" in name.lower() else finite.min())
-            )
-            rows.append([name, _last(m), best])
-    return _table(rows, header)
+        m = runs[0].metrics[name]
+        finite = m.values[np.isfinite(m.values)]
+        low, high = (float(finite.min()), float(finite.max())) if len(finite) else (None, None)
+        rows.append([name, _last(m), low, high])
+    return _table(rows, ["metric", "last", "min", "max"])
 
 
 def _last(m: Metric | None) -> float | None:
@@ -448,7 +442,7 @@ def _record(run: RunData) -> str:
                 ["started", _when(rec.get("started"))],
                 ["ended", _when(rec.get("ended"))],
                 ["status", run.status],
-                ["world size", rec.get("world_size")],
+                ["world size", _fmt(rec.get("world_size"))],
                 ["directory", str(run.dir)],
             ]
         )
