@@ -247,7 +247,9 @@ def line_chart(
     # Axes and grid.
     out.append(f'<rect x="{_LEFT}" y="{_TOP}" width="{plot_w}" height="{plot_h}" class="plot"/>')
     if log:
-        y_ticks = [10.0**e for e in range(math.ceil(y_lo), math.floor(y_hi) + 1)]
+        decades = range(math.floor(y_lo), math.ceil(y_hi) + 1)
+        steps = (1,) if len(decades) > 4 else (1, 2, 5)  # 1-2-5 ticks on a short log axis
+        y_ticks = [m * 10.0**e for e in decades for m in steps if y_lo <= math.log10(m) + e <= y_hi]
     else:
         y_ticks = nice_ticks(y_lo, y_hi)
     for t in y_ticks:
