@@ -108,8 +108,7 @@ def test_report_opens_offline_and_shows_everything(browser, real_runs, tmp_path)
         shot = page.screenshot(full_page=True)
         assert len(shot) > 50_000
         if os.environ.get("STOKER_UPDATE_SCREENSHOT") == "1":
-            page.locator("#curves").scroll_into_view_if_needed()
-            page.screenshot(path=str(DOCS / "report.png"), clip=_clip(page))
+            page.screenshot(path=str(DOCS / "report.png"), clip=_clip(page), full_page=True)
     finally:
         page.context.close()
 

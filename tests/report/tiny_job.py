@@ -38,12 +38,11 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Li
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 model, optimizer = stoker.prepare(model, optimizer)
 g = torch.Generator().manual_seed(0)
-x = torch.randn(256, 8, generator=g)
-y = x.sum(dim=1, keepdim=True).sin()
-xv, yv = x[:64] + 0.1, y[:64]
+x, xv = torch.randn(2048, 8, generator=g), torch.randn(256, 8, generator=g)
+y, yv = x[:, :2].sum(dim=1, keepdim=True), xv[:, :2].sum(dim=1, keepdim=True)
 while stoker.step < args.steps:
     t = time.perf_counter()
-    i = (stoker.step * 32) % 256
+    i = (stoker.step * 32) % 2048
     loss = F.mse_loss(model(x[i : i + 32]), y[i : i + 32])
     stoker.backward(loss)
     optimizer.step()
