@@ -155,6 +155,14 @@ def test_report_cli_and_index(real_runs, capsys):
     assert write_index(a.parent, a.parent / "elsewhere.html").is_file()
 
 
+def test_thousands_of_metrics_are_tabled_not_all_charted(hostile_run, tmp_path):
+    line = {"step": 1, "time": 1767225600.0, **{f"m{i:04d}": float(i) for i in range(1000)}}
+    (hostile_run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    html = write_report([hostile_run], tmp_path / "r.html").read_text()
+    assert "m0999" in html and "960 more metrics are in the table above" in html
+    assert html.count("<svg") < 100
+
+
 def test_load_is_fast_enough_for_every_run(real_runs):
     # The whole real run (49 metric lines, 3 checkpoints, doctor, patch) in well under a second.
     import time

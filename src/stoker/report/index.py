@@ -17,7 +17,7 @@ from stoker import __version__
 from stoker.errors import StokerError
 from stoker.records.listing import RunInfo, list_runs
 from stoker.records.rundir import runs_root
-from stoker.report.page import CSP
+from stoker.report.markup import CSP, duration
 from stoker.report.write import REPORT, write_atomic, write_report
 
 __all__ = ["INDEX", "write_index"]
@@ -39,15 +39,6 @@ def _stale(run_dir: Path) -> bool:
         except OSError:
             continue
     return False
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = round(seconds)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def _row(info: RunInfo, out_dir: Path) -> str:
@@ -72,7 +63,7 @@ def _row(info: RunInfo, out_dir: Path) -> str:
         e(started),
         "-" if info.steps is None else str(info.steps),
         "-" if info.last_loss is None else f"{info.last_loss:.4g}",
-        e(_duration(info.duration_s)),
+        e(duration(info.duration_s)),
     ]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
