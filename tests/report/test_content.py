@@ -155,6 +155,14 @@ def test_report_cli_and_index(real_runs, capsys):
     assert write_index(a.parent, a.parent / "elsewhere.html").is_file()
 
 
+def test_the_index_escapes_a_hostile_run(hostile_run, hostile_text):
+    index = write_index(hostile_run.parent).read_text()
+    assert "<script" not in index.lower()
+    assert not [(t, a) for t, a in _parse(index).tags if any(k.startswith("on") for k in a)]
+    assert hostile_text in " ".join(_parse(index).text)
+    assert 'href="hostile/report.html"' in index
+
+
 def test_thousands_of_metrics_are_tabled_not_all_charted(hostile_run, tmp_path):
     line = {"step": 1, "time": 1767225600.0, **{f"m{i:04d}": float(i) for i in range(1000)}}
     (hostile_run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
