@@ -9,6 +9,7 @@ No browser is a failure, never a skip: install it with ``apt-get install -y chro
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,11 @@ def test_hostile_report_runs_nothing(browser, hostile_run, tmp_path):
         assert _visible(page, '<script>alert("x")</script>')
     finally:
         page.context.close()
+
+
+def test_no_chromium_is_a_failure_that_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("STOKER_CHROMIUM", str(tmp_path / "missing"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "CANDIDATES", (str(tmp_path / "chromium"),))
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y chromium"):
+        _chromium()
