@@ -1,12 +1,14 @@
 """The charts: downsampling keeps every pixel column's min and max; a 100k-step curve is cut
 to what a chart can show; ticks are round; text is escaped."""
 
+import doctest
 import re
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import stoker.report.svg
 from stoker.report.svg import Marker, Series, downsample, line_chart, nice_ticks
 
 
@@ -94,6 +96,10 @@ def test_text_is_escaped():
         markers=[Marker(1, bad, bad)],
     )
     assert "<script" not in svg and "&lt;script&gt;" in svg
+
+
+def test_docstring_examples():
+    assert doctest.testmod(stoker.report.svg, raise_on_error=False).failed == 0
 
 
 def test_round_ticks():

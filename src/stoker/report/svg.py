@@ -96,7 +96,11 @@ def downsample(xs: np.ndarray, ys: np.ndarray, buckets: int) -> tuple[np.ndarray
     equal intervals (one per pixel column); each non-empty one keeps the index of its minimum
     and of its maximum, in index order. For ``ys = [0, 0, 9, 0, 0, 0]`` at ``xs = 0..5`` and 2
     buckets, bucket 0 holds indices 0-2 (keeps 0 and 2: the spike), bucket 1 indices 3-5
-    (keeps 3 only: min and max are the same point).
+    (keeps 3 only: min and max are the same point):
+
+    >>> xs, ys = downsample(np.arange(6.0), np.array([0, 0, 9, 0, 0, 0.0]), 2)
+    >>> xs.tolist(), ys.tolist()
+    ([0.0, 2.0, 3.0], [0.0, 9.0, 0.0])
     """
     n = len(xs)
     if n <= 2 * buckets:
@@ -120,10 +124,13 @@ def downsample(xs: np.ndarray, ys: np.ndarray, buckets: int) -> tuple[np.ndarray
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering ``[lo, hi]``: steps of 1, 2 or 5 times a power of ten.
+    """Round tick values inside ``[lo, hi]``: steps of 1, 2 or 5 times a power of ten, the one
+    giving closest to ``count`` ticks.
 
-    ``nice_ticks(0, 97)`` -> ``[0, 20, 40, 60, 80]``; ``nice_ticks(0.31, 0.58)`` ->
-    ``[0.35, 0.4, 0.45, 0.5, 0.55]``.
+    >>> nice_ticks(0, 97)
+    [0, 20, 40, 60, 80]
+    >>> nice_ticks(0.31, 0.58)
+    [0.35, 0.4, 0.45, 0.5, 0.55]
     """
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return [lo] if math.isfinite(lo) else []
