@@ -16,7 +16,16 @@ from stoker.errors import StokerError
 __all__ = ["main"]
 
 # Modules under stoker.cli, in the order `stoker --help` lists them.
-_SUBCOMMANDS = ("run", "doctor", "runs", "reproduce", "check_resume", "compress", "experiment")
+_SUBCOMMANDS = (
+    "run",
+    "doctor",
+    "runs",
+    "report",
+    "reproduce",
+    "check_resume",
+    "compress",
+    "experiment",
+)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:

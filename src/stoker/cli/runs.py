@@ -15,6 +15,7 @@ from rich.table import Table
 from stoker.records.diff import diff_runs, flatten
 from stoker.records.listing import RunInfo, find_run, list_runs, run_info, tail_metrics
 from stoker.records.record import read_record
+from stoker.report import write_index
 
 NAME = "runs"
 HELP = "list recorded runs (./runs), show one, or diff two: config, code and packages"
@@ -27,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--root",
         default=None,
         help="directory of run directories (default $STOKER_RUNS_DIR or ./runs)",
+    )
+    parser.add_argument(
+        "--html",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="write an HTML index of the runs linking each run's report (writing the reports "
+        "that are missing or stale) to FILE (default ROOT/index.html)",
     )
     sub = parser.add_subparsers(dest="runs_command", metavar="{show,diff}")
     show = sub.add_parser("show", help="everything recorded about one run")
@@ -174,4 +184,8 @@ def main(args: argparse.Namespace) -> int:
         return _show(console, args.id, args.root, args.json)
     if command == "diff":
         return _diff(console, args.a, args.b, args.root)
+    if args.html is not None:
+        path = write_index(args.root, args.html or None)
+        console.print(f"wrote {path}", highlight=False)
+        return 0
     return _list(console, args.root)

@@ -1,0 +1,166 @@
+"""The HTML report of a long run: writing it, and opening it in a headless browser.
+
+A synthetic run directory with ``--steps`` (100,000) logged steps (loss, lr, tokens/s and MFU
+every step, val_loss every 1,000), a kill and a resume half-way (the re-logged steps are in
+``metrics.jsonl`` twice, as in a real resumed run), a checkpoint every 10,000 steps and a
+doctor report, made with stoker's own writers (``start_run``, the checkpoint manifest, the
+doctor's ``Report``). Two comparisons, each against a same-run baseline:
+
+- ``write``: ``write_report`` against parsing ``metrics.jsonl`` alone (``read_metrics``, the
+  least any reader of the run pays). Target: < 5 s.
+- ``open``: the report opened in Debian's chromium (Playwright, network cut off) until every
+  chart is laid out, against opening a blank page. Target: < 2 s.
+
+    python benchmarks/report.py            # full run
+    python benchmarks/report.py --quick    # smoke test (the same 100k steps, fewer rounds)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from stoker.bench import Bench, Candidate, bench_parser
+from stoker.checkpoint import Manifest
+from stoker.doctor import Finding, Report
+from stoker.records import RecordConfig, read_metrics, start_run
+from stoker.report import write_report
+
+parser = bench_parser("Writing and opening the HTML report of a 100k-step run.", repeats=10)
+parser.add_argument("--steps", type=int, default=100_000, help="logged steps of the run")
+parser.add_argument("--keep", action="store_true", help="keep the synthetic run and report")
+parser.add_argument("--chromium", default=os.environ.get("STOKER_CHROMIUM", "/usr/bin/chromium"))
+args = parser.parse_args()
+if args.steps < 10:
+    parser.error(f"--steps {args.steps}: use at least 10 logged steps")
+WRITE_TARGET_S, OPEN_TARGET_S = 5.0, 2.0
+
+
+def make_run(root: Path, steps: int) -> Path:
+    """A finished run directory: ``steps`` logged steps, killed at 52% and resumed from 50%."""
+    run = start_run(
+        RecordConfig(directory=root / "run", tee_console=False), user_config={"steps": steps}
+    )
+    started = _dt.datetime.fromisoformat(run.record["started"]).timestamp()
+    rng = random.Random(0)
+    ckpt_every = max(1, steps // 10)
+    resume_at = ckpt_every * 5
+    killed_at = resume_at + max(1, steps // 50)
+    lines, t = [], started + 20.0
+
+    def log(step: int) -> None:
+        nonlocal t
+        t += 0.25 * (1 + 0.1 * rng.random())
+        loss = 7.0 * math.exp(-step / (steps / 4)) + 1.5 + 0.05 * rng.gauss(0, 1)
+        if rng.random() < 1e-4:
+            loss *= 3  # an occasional bad batch: the spikes downsampling must keep
+        lr = 1e-3 * min(1.0, step / 1000) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        rec = {"step": step, "time": round(t, 3), "loss": loss, "lr": lr}
+        rec.update(tokens_per_s=32_000 * (1 + 0.05 * rng.gauss(0, 1)), mfu=0.31)
+        lines.append(json.dumps(rec))
+        if step % 1000 == 0:
+            lines.append(json.dumps({"step": step, "time": round(t, 3), "val_loss": loss + 0.2}))
+
+    for step in range(1, killed_at + 1):
+        log(step)
+    t += 60.0  # the job was down for a minute
+    resumed = _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat()
+    for step in range(resume_at + 1, steps + 1):
+        log(step)
+    with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    for step in range(ckpt_every, steps + 1, ckpt_every):
+        directory = run.dir / "checkpoints" / f"step-{step:08d}"
+        directory.mkdir(parents=True)
+        when = started + 20 + 0.27 * step + (60 if step > resume_at else 0)
+        created = _dt.datetime.fromtimestamp(when, _dt.timezone.utc).isoformat()
+        Manifest(step=step, world_size=1, created=created).write(directory)
+    attempts = [
+        *run.record["attempts"],
+        {"started": resumed, "argv": ["train.py"], "resumed_from": {"step": resume_at}},
+    ]
+    run.update(attempts=attempts, resumed_from={"step": resume_at})
+    summary = {
+        "device": "cpu",
+        "profiled_steps": 5,
+        "step_ms": 250.0,
+        "phases_ms": {"data": 20.0, "forward": 80.0, "backward": 120.0, "optimizer": 25.0},
+    }
+    finding = Finding("dataloader-starved", "medium", 0.08, "the loop waits for data", "workers")
+    Report(findings=[finding], summary=summary).write_json(run.dir)
+    run.finish()
+    return run.dir
+
+
+tmp = Path(tempfile.mkdtemp(prefix="stoker-report-bench-"))
+try:
+    run_dir = make_run(tmp, args.steps)
+    out = tmp / "report.html"
+    blank = tmp / "blank.html"
+    blank.write_text("<!DOCTYPE html><html><body></body></html>")
+    lines = (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
+    bench = Bench.from_args("report", args, meta={"steps": args.steps, "metric_lines": lines})
+
+    write = bench.compare(
+        f"write the report of a {args.steps:,}-step run ({lines:,} metric lines)",
+        [
+            Candidate("parse metrics.jsonl", lambda: read_metrics(run_dir / "metrics.jsonl")),
+            Candidate("write_report", lambda: write_report([run_dir], out)),
+        ],
+        baseline="parse metrics.jsonl",
+    )
+    size = out.stat().st_size
+    bench.meta["report_bytes"] = size
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=args.chromium, args=["--host-resolver-rules=MAP * ~NOTFOUND"]
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith("file://") else route.abort()
+            ),
+        )
+
+        def opened(path: Path, charts: bool) -> None:
+            page.goto(path.as_uri(), wait_until="load")
+            if charts:  # layout of the last chart: every SVG above it is laid out too
+                assert page.locator("svg.chart").last.bounding_box() is not None
+
+        open_ = bench.compare(
+            f"open it in headless chromium ({size / 1e6:.2f} MB)",
+            [
+                Candidate("blank page", lambda: opened(blank, False)),
+                Candidate("report", lambda: opened(out, True)),
+            ],
+            baseline="blank page",
+        )
+        browser.close()
+
+    write_s, open_s = write["write_report"].median_s, open_["report"].median_s
+    table = Table(title="report: targets" + ("  [quick]" if args.quick else ""))
+    for col in ("", "median", "target", "met"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("write", f"{write_s:.2f} s", f"< {WRITE_TARGET_S:.0f} s", str(write_s < 5))
+    table.add_row("open", f"{open_s:.2f} s", f"< {OPEN_TARGET_S:.0f} s", str(open_s < 2))
+    Console(width=120).print(table)
+    bench.meta["targets_met"] = {"write": write_s < WRITE_TARGET_S, "open": open_s < OPEN_TARGET_S}
+    bench.save()
+finally:
+    if args.keep:
+        print(f"kept the run and its report in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
