@@ -180,7 +180,9 @@ def export_consolidated(
 
 def _dcp_save(state: dict[str, Any], path: Path) -> None:
     writer = HuggingFaceStorageWriter(str(path), save_distributed=True, enable_consolidation=False)
-    dcp.save(state, storage_writer=writer)
+    with warnings.catch_warnings():  # one process without torch.distributed is fine here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save(state, storage_writer=writer)
 
 
 def _dcp_load(state: dict[str, Any], path: Path, *, what: str) -> None:
