@@ -78,7 +78,7 @@ def test_only_safetensors_and_json_on_disk(runs):
         root = runs["dirs"][saved_by]
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         names = [f"shard-{i:05d}-model-00001-of-00001.safetensors" for i in range(1, shards + 1)]
-        expected = [f"{d}/{n}" for d in ("model", "optim") for n in names] + ["optimizer.json"]
+        expected = [f"{d}/{n}" for d in ("model", "optim") for n in names] + ["sharded.json"]
         assert files == sorted(expected)  # no DCP .metadata (a pickle), no index file
 
 
@@ -138,7 +138,7 @@ def test_load_never_unpickles_and_restores_optimizer_state(tmp_path):
 def test_model_only_round_trip(tmp_path):
     model, _ = trained(0)
     save_sharded(tmp_path / "ck", model)
-    assert not (tmp_path / "ck" / "optimizer.json").exists()
+    assert not (tmp_path / "ck" / "optim").exists()
     fresh, fresh_opt = trained(1)
     with unpickling_raises():
         load_sharded(tmp_path / "ck", fresh)
@@ -162,5 +162,32 @@ def test_a_used_directory_is_refused(tmp_path):
     save_sharded(tmp_path / "ck", model, optimizer)
     with pytest.raises(CheckpointError, match="new directory"):
         save_sharded(tmp_path / "ck", model, optimizer)
-    with pytest.raises(CheckpointError, match=r"holds no \.safetensors"):
+    with pytest.raises(CheckpointError, match=r"has no sharded\.json"):
         load_sharded(tmp_path / "nothing", model)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # one parameter, two state-dict names
+
+
+def test_tied_weights_are_written_once_and_exported_under_both_names(tmp_path):
+    model, fresh = Tied(), Tied()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
+    optimizer.step()
+    save_sharded(tmp_path / "ck", model, optimizer)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    with unpickling_raises():
+        load_sharded(tmp_path / "ck", fresh, fresh_opt)
+    assert fresh.head.weight is fresh.emb.weight
+    assert torch.equal(fresh.emb.weight, model.emb.weight)
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state[model.emb.weight]["exp_avg"]
+    )
+    exported = safetensors.torch.load_file(export_consolidated(tmp_path / "ck", tmp_path / "m.st"))
+    assert exported.keys() == model.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())

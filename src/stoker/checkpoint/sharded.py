@@ -9,7 +9,7 @@ modules alike. A directory holds::
     model/shard-00001-model-00001-of-00001.safetensors   # one file per process that held data
     model/shard-00002-model-00001-of-00001.safetensors
     optim/shard-0000N-model-00001-of-00001.safetensors   # exp_avg, exp_avg_sq, step, ...
-    optimizer.json                                       # param_groups + non-tensor state
+    sharded.json               # format, tied-weight aliases, param_groups, non-tensor state
 
 Each safetensors header carries, per tensor, the offsets of its shard in the full tensor
 (``DCP_SHARDING_INFO``, JSON): that is all the metadata a reader needs. DCP's own ``.metadata``
@@ -23,15 +23,17 @@ slices (``no_dist=True``), so not even DCP's in-memory exchange of plans between
 Optimizer tensors (AdamW's ``exp_avg``, ``exp_avg_sq`` and its 0-d ``step``) are sharded like
 the parameters they belong to; what safetensors cannot hold (``param_groups``: lr, betas,
 weight decay, the parameter names of each group; any non-tensor per-parameter state) goes to
-``optimizer.json``, written by the first process.
+``sharded.json`` (JSON), written by the first process. A tied weight (one parameter under two
+names, which safetensors refuses to write twice) is written under its first name; the JSON
+lists the others.
 
 :func:`export_consolidated` turns the model shards into one ``model.safetensors`` of full
 tensors (what ``safetensors.torch.load_file`` and ``stoker compress`` read).
 
 Limits: the directory must be new or empty (stale shards of another world size would be read
 as part of the checkpoint); every process must call :func:`save_sharded` (it is collective)
-while :func:`load_sharded` may be called by any subset; tensors that share storage (tied
-weights under two names) cannot be written by safetensors.
+while :func:`load_sharded` may be called by any subset; the model's state must be tensors
+(no ``get_extra_state`` objects).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ __all__ = ["export_consolidated", "load_sharded", "save_sharded"]
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
-OPTIM_JSON = "optimizer.json"
+JSON_FILE = "sharded.json"
 _FORMAT = 1
 _SUFFIX = ".safetensors"
 
@@ -92,13 +94,22 @@ def save_sharded(
         optim_sd: dict[str, Any] = {}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    for key, value in model_sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"Model state {key!r} is a {type(value).__name__}; sharded checkpoints hold "
+                "tensors only (save other state with stoker.checkpoint.save)."
+            )
+    aliases = _aliases(model, model_sd)
+    for alias in aliases:  # safetensors refuses two names for one storage
+        del model_sd[alias]
+    tensors, plain = _split_optimizer_state(optim_sd)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        record = {"format": _FORMAT, "aliases": aliases}
+        _write_json(root / JSON_FILE, {**record, "optimizer": plain if optimizer else None})
+    # After the JSON: these saves' collectives make every process wait for it.
     if optimizer is not None:
-        tensors, plain = _split_optimizer_state(optim_sd)
-        if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            _write_json(root / OPTIM_JSON, {"format": _FORMAT, **plain})
-        # After the JSON: this save's collectives make every process wait for it.
         _dcp_save(tensors, root / OPTIM_DIR)
     _dcp_save(model_sd, root / MODEL_DIR)
     return root
@@ -117,6 +128,12 @@ def load_sharded(
     and unexpected keys if the checkpoint does not fit the model.
     """
     root = Path(directory)
+    record = _read_json(root)
+    if optimizer is not None and record["optimizer"] is None:
+        raise CheckpointError(
+            f"{root} was saved without an optimizer; call load_sharded(directory, model) "
+            "without one."
+        )
     if optimizer is None:
         model_sd = get_model_state_dict(model)
         optim_sd: dict[str, Any] = {}
@@ -124,26 +141,20 @@ def load_sharded(
         # Creates the optimizer's state (one step with zero gradients and lr 0) if it has none,
         # so that there are tensors of the right shard shapes to read into.
         model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp_load(model_sd, root / MODEL_DIR, what="model")
+    aliases: dict[str, str] = record["aliases"]
+    stored = {k: v for k, v in model_sd.items() if k not in aliases}
+    _dcp_load(stored, root / MODEL_DIR, what="model")
+    for alias, name in aliases.items():
+        model_sd[alias] = model_sd[name]
     if optimizer is None:
         set_model_state_dict(model, model_sd)
         return
-    if not (root / OPTIM_JSON).is_file():
-        raise CheckpointError(
-            f"{root} has no {OPTIM_JSON}: it was saved without an optimizer; "
-            "call load_sharded(directory, model) without one."
-        )
-    plain = json.loads((root / OPTIM_JSON).read_text())
-    if plain.get("format") != _FORMAT:
-        raise CheckpointError(
-            f"{root / OPTIM_JSON} has format {plain.get('format')!r}; this stoker reads {_FORMAT}."
-        )
     tensors, _ = _split_optimizer_state(optim_sd)
     _dcp_load(tensors, root / OPTIM_DIR, what="optimizer")
     state: dict[str, dict[str, Any]] = tensors.get("state", {})
-    for fqn, entries in plain["state"].items():
+    for fqn, entries in record["optimizer"]["state"].items():
         state.setdefault(fqn, {}).update(entries)
-    groups = [_decode_group(g) for g in plain["param_groups"]]
+    groups = [_decode_group(g) for g in record["optimizer"]["param_groups"]]
     set_state_dict(
         model,
         optimizer,
@@ -159,10 +170,12 @@ def export_consolidated(
     """Write the full (unsharded) model weights of a sharded checkpoint to one safetensors file.
 
     Runs in one process, without torch.distributed; reads every shard once. The file holds the
-    unsharded model's ``state_dict()`` keys and values; it is written to a temporary name and
-    renamed, so ``out_file`` is either complete or absent.
+    unsharded model's ``state_dict()`` keys and values (a tied weight under each of its names);
+    it is written to a temporary name and renamed, so ``out_file`` is either complete or absent.
     """
-    reader = HuggingFaceStorageReader(str(_shard_dir(Path(checkpoint_dir) / MODEL_DIR)))
+    root = Path(checkpoint_dir)
+    record = _read_json(root)
+    reader = HuggingFaceStorageReader(str(_shard_dir(root / MODEL_DIR)))
     metadata = reader.read_metadata()
     full: dict[str, Any] = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -170,12 +183,48 @@ def export_consolidated(
         if isinstance(meta, TensorStorageMetadata)  # safetensors holds nothing else
     }
     _read(full, reader)
+    for alias, name in record["aliases"].items():
+        full[alias] = full[name].clone()  # a file holds each name's own copy
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     safetensors.torch.save_file(full, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out)
     return out
+
+
+def _aliases(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, str]:
+    """``{alias: name}`` for parameters and buffers registered under several names (tied
+    weights), by identity, so every process decides alike; the first name is kept."""
+    first: dict[int, str] = {}
+    aliases = {}
+    tensors: list[tuple[str, torch.Tensor]] = [*model.named_parameters(remove_duplicate=False)]
+    tensors += model.named_buffers(remove_duplicate=False)
+    for raw, tensor in tensors:
+        name = raw.replace("_checkpoint_wrapped_module.", "")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            name = name.removeprefix("module.")
+        if name not in model_sd:
+            continue
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _read_json(root: Path) -> dict[str, Any]:
+    path = root / JSON_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{root} has no {JSON_FILE}; pass a directory written by save_sharded()."
+        )
+    record = json.loads(path.read_text())
+    if record.get("format") != _FORMAT:
+        raise CheckpointError(
+            f"{path} has format {record.get('format')!r}; this stoker reads format {_FORMAT}."
+        )
+    return record
 
 
 def _dcp_save(state: dict[str, Any], path: Path) -> None:
@@ -278,5 +327,8 @@ def _decode_group(group: dict[str, Any]) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())  # as durable as DCP's shards (fsynced) before the rename
     os.replace(tmp, path)

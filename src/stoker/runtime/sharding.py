@@ -33,9 +33,10 @@ Limits:
 
 - Sharding replaces every parameter by a DTensor: build the optimizer *after*
   :func:`shard_model`; ``model.state_dict()`` holds shards (use
-  :mod:`stoker.checkpoint.sharded`, or ``.full_tensor()``). Parameters shared between two
-  blocks, or between a block and the rest of the model, are not supported by FSDP2 (keep tied
-  weights outside the blocks, as :class:`stoker.models.Encoder` does).
+  :mod:`stoker.checkpoint.sharded`, or ``.full_tensor()``). A block's parameters are
+  gathered only around *its own* forward: one used elsewhere (a tied embedding read by the
+  output head, ``Encoder.tok_emb``) must not be in a block of its own but belong to the
+  root, as with the default selection; parameters shared by two blocks are not supported.
 - ``mixed_precision="bf16"`` computes in bf16 with fp32 master weights, optimizer state and
   gradient reduction; the root returns fp32 outputs. On CPUs without AMX bf16 matrix products
   can be much slower than fp32 (see :func:`stoker.runtime.hardware.bf16_is_fast`).
