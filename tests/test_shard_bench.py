@@ -2,6 +2,7 @@
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -25,3 +26,20 @@ def test_state_bytes_counts_each_storage_once() -> None:
     flat = torch.zeros(70)
     model.weight.grad, model.bias.grad = flat[:60].view(6, 10), flat[60:66]
     assert shard_bench.state_bytes(model, optimizer)["grads"] == 280
+
+
+def test_largest_fit_doubles_then_bisects(monkeypatch, tmp_path) -> None:
+    widths = []
+
+    def fake_torchrun(args, extra, out):  # peak RSS grows with the width: fits up to 700 wide
+        width = int(extra[extra.index("--width") + 1])
+        widths.append(width)
+        return {"peak_rss_mb": [300 + width / 2, 300.0], "parameters": width}
+
+    monkeypatch.setattr(shard_bench, "torchrun", fake_torchrun)
+    args = SimpleNamespace(budget_mb=650.0, width_step=64, max_width=4096, max_trials=12)
+    found = shard_bench.largest_fit(args, "ddp", tmp_path)
+    assert widths == [64, 128, 256, 512, 1024, 768, 640, 704]
+    assert found["width"] == 640 and not found["capped"] and found["peak_rss_mb"] == 620
+    args.max_width = 256  # every width up to the cap fits
+    assert shard_bench.largest_fit(args, "ddp", tmp_path)["capped"]

@@ -19,11 +19,20 @@ from stoker.runtime.sharding import activation_checkpointing, select_blocks, sha
 
 JOB = Path(__file__).with_name("fsdp_job.py")
 
+# Gradient accumulation (2 micro-batches), token-weighted loss (ragged labels), both.
+MODES = {
+    "-acc": {"accumulate": True},
+    "-tokens": {"tokens": True},
+    "-acc-tokens": {"accumulate": True, "tokens": True},
+}
 TWO_PROCESS_RUNS = [
     {"name": "fsdp", "strategy": "fsdp"},
     {"name": "ddp", "strategy": "ddp"},
-    {"name": "fsdp-acc-tokens", "strategy": "fsdp", "accumulate": True, "tokens": True},
-    {"name": "ddp-acc-tokens", "strategy": "ddp", "accumulate": True, "tokens": True},
+    *[
+        {"name": f"{strategy}{mode}", "strategy": strategy, **options}
+        for strategy in ("fsdp", "ddp")
+        for mode, options in MODES.items()
+    ],
     {"name": "fsdp-ac", "strategy": "fsdp", "ac": True, "steps": 4},
     {"name": "ddp-ac", "strategy": "ddp", "ac": True, "steps": 4},
     {"name": "fsdp-dropout", "strategy": "fsdp", "dropout": 0.2, "steps": 4},
@@ -32,7 +41,10 @@ TWO_PROCESS_RUNS = [
 ]
 ONE_PROCESS_RUNS = [
     {"name": "single", "strategy": "single"},
-    {"name": "single-acc-tokens", "strategy": "single", "accumulate": True, "tokens": True},
+    *[
+        {"name": f"single{mode}", "strategy": "single", **options}
+        for mode, options in MODES.items()
+    ],
 ]
 
 
@@ -57,7 +69,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("mode", ["", "-acc-tokens"], ids=["plain", "accumulate-tokens"])
+@pytest.mark.parametrize("mode", ["", *MODES], ids=["plain", *(m[1:] for m in MODES)])
 def test_fsdp_trajectory_equals_one_process_and_ddp(runs, mode):
     single, fsdp, ddp = runs[f"single{mode}"], runs[f"fsdp{mode}"], runs[f"ddp{mode}"]
     assert len(single["losses"]) == 20
