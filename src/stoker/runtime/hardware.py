@@ -29,7 +29,7 @@ import torch
 
 from stoker.data.cache import atomic_write_bytes, cache_dir
 
-__all__ = ["BF16_FAST_THRESHOLD", "MatmulSpeed", "bf16_is_fast", "matmul_speed"]
+__all__ = ["BF16_FAST_THRESHOLD", "MatmulSpeed", "bf16_is_fast", "machine_key", "matmul_speed"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def matmul_speed(device: torch.device | str) -> MatmulSpeed:
 
 @cache
 def _cpu_speed(threads: int) -> MatmulSpeed:
-    path = cache_dir("hardware") / f"matmul-{_machine_key(threads)}.json"
+    path = cache_dir("hardware") / f"matmul-{machine_key(threads)}.json"
     try:
         if not path.is_file() or path.stat().st_size > 4096:  # a FIFO would block a read
             raise ValueError("not a cache file")
@@ -139,7 +139,7 @@ def _cpu_speed(threads: int) -> MatmulSpeed:
     return speed
 
 
-def _machine_key(threads: int) -> str:
+def machine_key(threads: int) -> str:
     """What the probe's answer depends on: CPU model, torch build and ISA caps, threads."""
     model = platform.processor()
     try:
