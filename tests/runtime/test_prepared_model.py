@@ -91,3 +91,25 @@ def test_compile_runs_the_users_module_under_autocast_and_trains(monkeypatch):
         optimizer.zero_grad()
     assert stoker.step == 2 and not torch.equal(before, user.head.weight)
     assert Stoker.unwrap(model) is user and "forward" not in vars(user)
+
+
+def test_without_ddp_keeps_the_autocast_and_drops_the_collectives(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stoker.runtime.model import PreparedModel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        user = _HasModuleChild()
+        ddp = DistributedDataParallel(user)
+        model = PreparedModel(user, ddp, autocast_dtype=torch.bfloat16, device_type="cpu")
+        assert model.ddp is ddp and Stoker.unwrap(model) is user
+        local = model.without_ddp()
+        assert local.ddp is None and local.unwrapped is user
+        assert local.autocast_dtype == torch.bfloat16 and local.forward_module is user
+        assert local(torch.randn(2, 4)).dtype == torch.float32
+    finally:
+        dist.destroy_process_group()

@@ -126,6 +126,19 @@ class PreparedModel(nn.Module):
         # hand fp32 back like a fp32 model would.
         return _to_fp32(output)
 
+    def without_ddp(self) -> PreparedModel:
+        """This model with DDP taken out (the user's module, eagerly, under the same autocast):
+        what the doctor's probes re-run on the main rank alone, where DDP's collectives would
+        wait for ranks that never join. Itself when there is no DDP."""
+        if self.ddp is None:
+            return self
+        return PreparedModel(
+            self.unwrapped,
+            self.unwrapped,
+            autocast_dtype=self.autocast_dtype,
+            device_type=self.device_type,
+        )
+
     # -- the user's module's state, under its own keys ------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.unwrapped.state_dict(*args, **kwargs)

@@ -179,12 +179,23 @@ class RunServices(StepListener):
             self._boundary = capture_boundary(step, state, self._boundary_keys)
 
     def on_micro_batch(self, step: int, live: bool) -> None:
-        """The start of the next micro-batch: write a due checkpoint. ``live``: nothing moved
-        since the step (a prepared loader about to fetch), so the live state is written; else
-        the step's copies."""
-        if step != self._checked_step:
-            boundary, self._boundary = self._boundary, None
-            self.after_step(step, None if live else boundary, live=live)
+        """The start of the next micro-batch: saves when a checkpoint of ``step`` is due, with
+        the copies taken at the step (see :mod:`stoker.runtime.boundary`) when there are some,
+        else with the live state — unless the state moved since the step (``live`` False: a
+        ``backward()`` or ``accumulate()``; ``live``: a prepared loader about to fetch): a save
+        that became due only since the step (``every_minutes`` elapsed in between) then waits
+        for the next step."""
+        if step == self._checked_step or self.checkpointer is None or self.state is None:
+            return
+        self._checked_step = step
+        boundary, self._boundary = self._boundary, None
+        if live or boundary is None or boundary.step != step:
+            if not live and self.checkpointer.due(step):
+                return
+            self.checkpointer.maybe_save(step, self.state)
+            return
+        with written_as_of(self.state, boundary) as state:
+            self.checkpointer.maybe_save(step, state)
 
     def close(self, failed: BaseException | None) -> None:
         """Final checkpoint (none for a failed run: its state may be broken, nor at step 0);
@@ -198,25 +209,6 @@ class RunServices(StepListener):
             if failed is None and self.state is not None and self.step > 0:
                 self.checkpointer.save(self.step, self.state)
             self.checkpointer.close()
-
-    def after_step(
-        self, step: int, boundary: StepBoundary | None = None, *, live: bool = True
-    ) -> None:
-        """Saves when a checkpoint of ``step`` is due, with the copies of ``boundary`` (taken
-        at the step, see :mod:`stoker.runtime.boundary`) when it is of this step, else with
-        the live state — unless the state moved since the step (``live=False``: a
-        ``backward()`` or ``accumulate()``): a save that became due only since the step
-        (``every_minutes`` elapsed in between) then waits for the next step."""
-        if step == self._checked_step or self.checkpointer is None or self.state is None:
-            return
-        self._checked_step = step
-        if boundary is None or boundary.step != step:
-            if not live and self.checkpointer.due(step):
-                return
-            self.checkpointer.maybe_save(step, self.state)
-            return
-        with written_as_of(self.state, boundary) as state:
-            self.checkpointer.maybe_save(step, state)
 
     def save(self, step: int) -> Path | None:
         if self.state is None:

@@ -149,14 +149,16 @@ class TrainingStep:
 
     def enter_accumulation(self) -> bool:
         """Count a micro-batch of an accumulation window; True when it is the window's last."""
-        self.start_micro_batch()
+        if self._stepped or self._boundary:
+            self.start_micro_batch()
         self.micro_step += 1
         sync = self.sync_gradients = self.micro_step % self.accumulation_steps == 0
         return sync
 
     def backward(self, loss: torch.Tensor, tokens: torch.Tensor | int | None) -> None:
         """See :meth:`Stoker.backward`."""
-        self.start_micro_batch()
+        if self._stepped or self._boundary:  # (the start of the micro-batch, unless seen)
+            self.start_micro_batch()
         self._finalized = False
         if tokens is None:
             self._plain_backward = True
@@ -236,10 +238,6 @@ class TrainingStep:
         of the run)."""
         if self._stepped:
             self._end_step()
-
-    def at_boundary(self) -> bool:
-        """True between a step's end and the next micro-batch's start."""
-        return self._boundary
 
     def _end_step(self) -> None:
         if self.scaler is not None and self._stepped:
