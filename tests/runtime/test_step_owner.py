@@ -5,6 +5,8 @@ import torch
 
 import stoker.runtime.stoker as stoker_module
 from stoker import Stoker
+from stoker.runtime.distributed import DistributedContext
+from stoker.runtime.step import StepListener, TrainingStep
 
 
 @pytest.fixture
@@ -73,3 +75,64 @@ def test_fp16_one_of_two_optimizers_stepped_still_ends_the_step(fp16_on_cpu):
         opt_b.zero_grad()
     stoker.close()
     assert stoker.step == 4 and len(fp16_on_cpu) == 4
+
+
+class _Recorder(StepListener):
+    def __init__(self, name, events, fail_on_close=False):
+        self.name, self.events, self.fail_on_close = name, events, fail_on_close
+
+    def on_micro_batch(self, step, live):
+        self.events.append((self.name, "micro-batch", step, live))
+
+    def on_step_end(self, step):
+        self.events.append((self.name, "step-end", step))
+
+    def close(self, failed):
+        self.events.append((self.name, "close", repr(failed) if failed else None))
+        if self.fail_on_close:
+            raise RuntimeError(f"{self.name} could not close")
+
+
+def test_listeners_see_each_step_once_and_the_next_micro_batch_once():
+    stoker = Stoker(device="cpu", precision="fp32", accumulation_steps=2, record=False)
+    model = torch.nn.Linear(4, 1)
+    model, optimizer = stoker.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    events = []
+    stoker._steps.add_listener(_Recorder("r", events))
+    for _ in range(4):  # two windows of two micro-batches
+        with stoker.accumulate(model):
+            stoker.backward(model(torch.randn(2, 4)).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert events == [
+        ("r", "micro-batch", 0, False),
+        ("r", "step-end", 1),
+        ("r", "micro-batch", 1, False),
+        ("r", "step-end", 2),
+    ]
+    stoker.close()
+    assert events[-1] == ("r", "close", None)
+
+
+def test_listeners_close_last_attached_first_and_hand_on_a_failure():
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    events = []
+    steps.add_listener(_Recorder("first", events))
+    steps.add_listener(_Recorder("second", events, fail_on_close=True))
+    with pytest.raises(RuntimeError, match="second could not close"):
+        steps.close(None)
+    assert events == [
+        ("second", "close", None),
+        ("first", "close", "RuntimeError('second could not close')"),
+    ]
+
+
+def test_a_listener_is_only_called_for_what_it_implements():
+    class OnlyClose(StepListener):
+        def close(self, failed):
+            pass
+
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    steps.add_listener(OnlyClose())
+    steps.add_listener(_Recorder("r", []))
+    assert len(steps._on_step_end) == len(steps._on_micro_batch) == 1

@@ -139,16 +139,15 @@ class Stoker:
         if compile:
             _check_compile(self.device)
         self.compile = compile
-        self.accumulation_steps = accumulation_steps
         self.seed = seed
         if seed is not None:
             self.seed_everything(seed)
         self.dist: DistributedContext = init_distributed(self.device)
+        # The training step's state and its listeners (see step.py).
         scaler = torch.amp.GradScaler(self.device.type) if self.policy.needs_scaler else None
         self._steps = TrainingStep(
             accumulation_steps=accumulation_steps, scaler=scaler, dist=self.dist
         )
-        # The training step's state and its listeners (see step.py).
         if not (resume in RESUME_CHOICES or isinstance(resume, str | Path)):
             raise StokerError(f"resume={resume!r}; use 'auto', 'never' or a run directory path")
         self.services = RunServices(
@@ -181,6 +180,11 @@ class Stoker:
     def step(self) -> int:
         """Optimizer steps taken (a Python int: reading it never waits for the device)."""
         return self._steps.step
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step under :meth:`accumulate`."""
+        return self._steps.accumulation_steps
 
     @property
     def skipped_steps(self) -> int:
