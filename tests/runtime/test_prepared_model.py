@@ -53,6 +53,10 @@ def test_the_wrapper_forwards_attributes_modes_and_state_dict_to_the_users_modul
     user = _Rnn()
     model = stoker.prepare(user)
     assert model.config == {"hidden": 8} and model.rnn is user.rnn
+    model.config = {"hidden": 9}  # the user's module has it: set there
+    model.note = "mine"  # the user's module does not: the wrapper's own
+    assert user.config == {"hidden": 9} and not hasattr(user, "note") and model.note == "mine"
+    user.config = {"hidden": 8}
     out, (h, c) = model(torch.randn(2, 3, 4), model.init_hidden(2))
     assert out.dtype == h.dtype == c.dtype == torch.float32  # bf16 inside, fp32 out
     model.eval()

@@ -10,9 +10,9 @@ autocast and hands half-precision outputs back in fp32, each container as its ow
 - not a new set of weights: ``state_dict()`` and ``load_state_dict()`` are the user module's,
   with the user module's keys (no ``module.`` prefix), so checkpoints load into a bare model;
 - not a wall: attributes it does not have come from the user's module (``model.init_hidden``,
-  ``model.config``), and so does indexing (``model[0]`` of a ``Sequential``); ``train()`` and
-  ``eval()`` reach the user's module as a child. Methods called that way run the user's
-  module directly: without autocast, and outside DDP.
+  ``model.config``) and are set there when the user's module has them; so does indexing
+  (``model[0]`` of a ``Sequential``); ``train()`` and ``eval()`` reach the user's module as a
+  child. Methods called that way run the user's module directly: without autocast, and outside DDP.
 
 :func:`unwrap_model` takes wrappers off by type — this one, DDP, ``torch.compile``'s
 ``OptimizedModule`` — never by following an attribute named ``module``: a user's model may have
@@ -156,6 +156,20 @@ class PreparedModel(nn.Module):
             if unwrapped is None:
                 raise
             return getattr(unwrapped, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An attribute the user's module has (and the wrapper does not) is set there, so that
+        # `model.dropout_p = 0.0` on the prepared model reaches the module that reads it.
+        unwrapped = self.__dict__.get("unwrapped")
+        if (
+            unwrapped is not None
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and hasattr(unwrapped, name)
+        ):
+            setattr(unwrapped, name, value)
+            return
+        super().__setattr__(name, value)
 
     def __getitem__(self, index: Any) -> Any:  # model[1] on a Sequential, ModuleList, ...
         return self.unwrapped[index]  # type: ignore[index]
