@@ -136,3 +136,30 @@ def test_a_listener_is_only_called_for_what_it_implements():
     steps.add_listener(OnlyClose())
     steps.add_listener(_Recorder("r", []))
     assert len(steps._on_step_end) == len(steps._on_micro_batch) == 1
+
+
+def test_accumulate_skips_the_prepared_models_ddp_sync_until_the_windows_last(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stoker.runtime.model import PreparedModel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        user = torch.nn.Linear(4, 1)
+        ddp = DistributedDataParallel(user)
+        model = PreparedModel(user, ddp, autocast_dtype=None, device_type="cpu")
+        steps = TrainingStep(accumulation_steps=2, scaler=None, dist=DistributedContext())
+        steps.add_model(user, ddp)
+        window = steps.micro_batch
+        window.model = model
+        seen = []
+        for _ in range(4):
+            with window:
+                seen.append((steps.sync_gradients, ddp.require_backward_grad_sync))
+            assert ddp.require_backward_grad_sync  # restored on exit
+        assert seen == [(False, False), (True, True)] * 2
+    finally:
+        dist.destroy_process_group()
