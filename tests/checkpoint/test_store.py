@@ -104,18 +104,33 @@ def test_strict_load_names_missing_keys_and_mismatched_modules(tmp_path):
 
 
 def test_wrapped_modules_are_saved_unwrapped(tmp_path):
+    from stoker.runtime.model import PreparedModel
+
+    model, _, _ = _trained()
+    # torch.compile's and stoker's wrappers are taken off by type (DDP too, see the runtime).
+    wrapped = torch.compile(PreparedModel(model, model, autocast_dtype=None, device_type="cpu"))
+    path = save(tmp_path / "c", {"model": wrapped})
+    assert "emb.weight" in load_file(path / "model.safetensors")
+    fresh = _fresh()[0]
+    load(path, {"model": torch.compile(fresh)})
+    assert torch.equal(fresh.norm.bias, model.norm.bias)
+
+
+def test_a_child_named_module_is_the_users_own(tmp_path):
     model, _, _ = _trained()
 
-    class Wrapper(nn.Module):  # DDP and torch.compile expose .module / ._orig_mod
+    class Outer(nn.Module):  # not a wrapper: its child just happens to be called `module`
         def __init__(self, module):
             super().__init__()
             self.module = module
+            self.head = nn.Linear(2, 2)
 
-    path = save(tmp_path / "c", {"model": Wrapper(model)})
-    assert "emb.weight" in load_file(path / "model.safetensors")
-    fresh = _fresh()[0]
-    load(path, {"model": Wrapper(fresh)})
-    assert torch.equal(fresh.norm.bias, model.norm.bias)
+    outer = Outer(model)
+    path = save(tmp_path / "c", {"model": outer})
+    assert set(load_file(path / "model.safetensors")) >= {"module.emb.weight", "head.weight"}
+    fresh = Outer(_fresh()[0])
+    load(path, {"model": fresh})
+    assert torch.equal(fresh.head.weight, outer.head.weight)
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it_atomically(tmp_path):

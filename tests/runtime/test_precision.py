@@ -66,15 +66,20 @@ def test_bf16_forward_runs_in_bf16_and_returns_fp32():
     assert model.linear.weight.dtype == torch.float32  # master weights stay fp32
 
 
-def test_fp32_leaves_forward_alone():
-    stoker = Stoker(device="cpu", precision="fp32")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepare_never_patches_the_users_module(precision):
+    stoker = Stoker(device="cpu", precision=precision, record=False, doctor=False)
     model = torch.nn.Linear(4, 4)
-    forward = model.forward
-    assert stoker.prepare(model).forward == forward
+    prepared = stoker.prepare(model)
+    assert "forward" not in vars(model), "the user's forward is its own"
+    x = torch.randn(2, 4)
+    if precision == "fp32":
+        assert torch.equal(prepared(x), model(x))
+    assert model(x).dtype == torch.float32 and prepared(x).dtype == torch.float32
 
 
-def test_prepare_twice_does_not_nest_autocast():
-    stoker = Stoker(device="cpu", precision="bf16")
+def test_prepare_twice_is_refused_in_one_sentence():
+    stoker = Stoker(device="cpu", precision="bf16", record=False, doctor=False)
     model = stoker.prepare(torch.nn.Linear(4, 4))
-    wrapped = model.forward
-    assert stoker.prepare(model).forward is wrapped
+    with pytest.raises(StokerError, match="already prepared"):
+        stoker.prepare(model)

@@ -65,12 +65,12 @@ def is_stateful(obj: Any) -> bool:
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
-    """The user's module inside DDP / ``torch.compile`` wrappers, so checkpoints are portable."""
-    while True:
-        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
+    """The user's module inside stoker's prepared model, DDP and ``torch.compile`` wrappers
+    (taken off by type, see :func:`stoker.runtime.model.unwrap_model`), so checkpoints are
+    portable."""
+    from stoker.runtime.model import unwrap_model
+
+    return unwrap_model(module)
 
 
 @dataclass(slots=True)

@@ -55,8 +55,6 @@ def finetune(
     finally:
         remove()
         stoker.close()
-    # A fresh module with the trained weights: prepare() wrapped this instance's forward in
-    # autocast, which torch.export (int8-static) would otherwise trace into the graph.
-    tuned = Encoder(model.config)
-    tuned.load_state_dict(stoker.unwrap(net).state_dict())
-    return tuned.eval()
+    # prepare() wrapped the model, it never patched it: its forward is its own (torch.export,
+    # int8-static, traces no autocast), so the trained module itself is the result.
+    return model.eval()

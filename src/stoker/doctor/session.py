@@ -199,11 +199,16 @@ def _without_ddp(module: Any) -> Any:
 
     The probes re-run the captured model forward and backward on the main rank alone; through
     DDP that issues collectives (gradient all-reduce, buffer broadcast) the other ranks never
-    join, and the run hangs. A compiled DDP model gives the plain module inside (probed
-    eagerly); a compiled model without DDP stays compiled.
+    join, and the run hangs. stoker's prepared model gives itself without DDP (same autocast,
+    see ``PreparedModel.without_ddp``); a compiled DDP model gives the plain module inside
+    (probed eagerly); a compiled model without DDP stays compiled.
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    from stoker.runtime.model import PreparedModel
+
+    if isinstance(module, PreparedModel):
+        return module.without_ddp()
     if isinstance(module, DistributedDataParallel):
         return _without_ddp(module.module)
     if "torch._dynamo" in sys.modules:  # only then can a module be compiled

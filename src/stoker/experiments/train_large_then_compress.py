@@ -210,7 +210,7 @@ def _train(
                 clock.start()
     result.steps, result.tokens, result.train_seconds = stoker.step, int(tokens), clock.elapsed
     stoker.close()
-    return model.eval(), result  # prepare() kept this module (one process: no DDP wrapper)
+    return model.eval(), result  # prepare() wrapped this module and left it untouched
 
 
 def run_experiment(cfg: ExperimentConfig, console: Console | None = None) -> Path:

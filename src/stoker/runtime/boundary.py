@@ -7,7 +7,8 @@ as it was after step N. A loop that feeds its own batches is only seen again at 
 ``stoker.backward()``, and by then it has drawn batch N+1 (nanoGPT's ``torch.randint``:
 the global RNG moved), run a forward (dropout: the RNG again; batch norm: the running
 statistics; an RNN: the carried hidden state) and possibly fetched from a loader. So, only when
-a save is due at step N, the prepared optimizer's ``step`` takes a :class:`StepBoundary`:
+a save is due at step N, the end of step N (the checkpoint listener's ``on_step_end``, see
+:mod:`stoker.runtime.step`) takes a :class:`StepBoundary`:
 
 - the RNG states (Python, NumPy, torch), the runtime's counters, the loaders' positions and the
   user's tracked state, as copies;

@@ -1,24 +1,19 @@
-"""The objects :meth:`Stoker.prepare` hands back: the user's optimizer, scheduler and loaders,
-plus the context :meth:`Stoker.accumulate` returns. Each is a thin shell around the user's own
-object that knows where in an accumulation window the loop is.
+"""The objects :meth:`Stoker.prepare` hands back besides the model (see
+:mod:`stoker.runtime.model`): the user's optimizer, scheduler and loaders. Each is a thin shell
+around the user's own object that asks the training step (:mod:`stoker.runtime.step`) where in
+an accumulation window the loop is.
 """
 
 from __future__ import annotations
 
-import contextlib
-import types
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 
 from stoker.runtime.nested import map_tensors
-
-if TYPE_CHECKING:
-    from stoker.runtime.stoker import Stoker
+from stoker.runtime.step import TrainingStep
 
 __all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler"]
 
@@ -30,43 +25,6 @@ def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
 
-class _MicroBatch:
-    """The context :meth:`Stoker.accumulate` returns; one reused object, no allocation.
-
-    A class rather than a ``@contextmanager`` generator: this runs every step, and the
-    generator machinery measured ~4 µs per step inside a real training step.
-    """
-
-    __slots__ = ("model", "no_sync", "stoker")
-
-    def __init__(self, stoker: Stoker) -> None:
-        self.stoker = stoker
-        self.model: nn.Module | None = None
-        self.no_sync: contextlib.AbstractContextManager[None] | None = None
-
-    def __enter__(self) -> None:
-        stoker = self.stoker
-        stoker._checkpoint_point()
-        stoker._micro_step += 1
-        stoker.sync_gradients = stoker._micro_step % stoker.accumulation_steps == 0
-        if stoker.sync_gradients or not stoker._ddp_models:
-            return
-        # Skip DDP's all-reduce; a compiled DDP model is reached under the compile wrapper.
-        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
-        self.no_sync = (ddp or stoker._ddp_models[0]).no_sync()
-        self.no_sync.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        if self.no_sync is not None:
-            no_sync, self.no_sync = self.no_sync, None
-            no_sync.__exit__(exc_type, exc, tb)
-
-
 class PreparedOptimizer(torch.optim.Optimizer):
     """The user's optimizer, stepping only when gradients are complete.
 
@@ -75,9 +33,9 @@ class PreparedOptimizer(torch.optim.Optimizer):
     ``Optimizer`` (without calling its ``__init__``) so LR schedulers accept it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, stoker: Stoker) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: TrainingStep) -> None:
         self.optimizer = optimizer
-        self._stoker = stoker
+        self._steps = steps
 
     # The state lives in the wrapped optimizer; these keep schedulers and user code working.
     @property
@@ -93,21 +51,10 @@ class PreparedOptimizer(torch.optim.Optimizer):
         return self.optimizer.defaults
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        stoker = self._stoker
-        if not stoker.sync_gradients:
-            return None
-        if stoker._scaler is not None:
-            stoker._finalize_gradients()
-            result = stoker._scaler_step(self.optimizer)
-        else:
-            if stoker._tokens is not None:  # token-weighted window: normalise the gradients
-                stoker._finalize_gradients()
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        stoker._after_step()
-        return result
+        return self._steps.optimizer_step(self.optimizer, closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._stoker.sync_gradients:
+        if self._steps.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
@@ -129,12 +76,12 @@ class PreparedOptimizer(torch.optim.Optimizer):
 class PreparedScheduler:
     """The user's LR scheduler, stepping once per optimizer step, not per micro-batch."""
 
-    def __init__(self, scheduler: Any, stoker: Stoker) -> None:
+    def __init__(self, scheduler: Any, steps: TrainingStep) -> None:
         self.scheduler = scheduler
-        self._stoker = stoker
+        self._steps = steps
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self._stoker.sync_gradients:
+        if self._steps.sync_gradients:
             self.scheduler.step(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -148,17 +95,27 @@ class PreparedLoader:
     loader's shuffling and worker-seed generators are re-seeded and ``set_epoch`` is called on
     its samplers and collate function. That makes a resume exact: :meth:`state_dict` holds the
     epoch and the number of batches already consumed, and a resumed pass replays the data
-    pipeline up to that position (loading but not training on those batches) before yielding.
+    pipeline up to that position (loading but not training on those batches) before yielding;
+    then ``replayed()`` puts the random generators back to their saved state.
     """
 
-    def __init__(self, loader: DataLoader[Any], device: torch.device, stoker: Stoker) -> None:
+    def __init__(
+        self,
+        loader: DataLoader[Any],
+        device: torch.device,
+        steps: TrainingStep,
+        *,
+        seed: int,
+        replayed: Callable[[], None],
+    ) -> None:
         self.loader = loader
         self.device = device
         self.epoch = 0
         self.position = 0
         self._skip = 0
-        self._stoker = stoker
-        self._seed = stoker.seed if stoker.seed is not None else 0
+        self._steps = steps
+        self._replayed = replayed
+        self._seed = seed
         self._move = device.type != "cpu"
         # Pinned host memory lets the copy overlap compute; only then is non_blocking safe.
         self._non_blocking = device.type == "cuda" and bool(loader.pin_memory)
@@ -180,16 +137,16 @@ class PreparedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._start_epoch()
-        stoker = self._stoker
+        steps = self._steps
         iterator = iter(self.loader)
         skip, self._skip = self._skip, 0
         for _ in range(skip):  # replay to the resumed position, see the class docstring
             if next(iterator, _END) is _END:
                 break
         self.position = skip
-        stoker._services_resumed()
+        self._replayed()
         while True:
-            stoker._checkpoint_point(live=True)  # before fetching: `position` are trained on
+            steps.start_micro_batch(True)  # before fetching: `position` batches are trained on
             try:
                 batch = next(iterator)
             except StopIteration:

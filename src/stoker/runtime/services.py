@@ -5,10 +5,12 @@
 considered once per optimizer step and written at the start of the next micro-batch (after the
 user's ``optimizer.step()`` and ``scheduler.step()``): a prepared loader's fetch, ``accumulate()``
 or ``backward()``, whichever comes first. What must be exact as of the step itself is copied at
-the step when a save is due (see :mod:`stoker.runtime.boundary`).
+the step when a save is due (see :mod:`stoker.runtime.boundary`). It does so as a
+:class:`~stoker.runtime.step.StepListener` of the runtime's training step: ``on_step_end``
+copies, ``on_micro_batch`` writes, ``close`` writes the final checkpoint.
 
 Resume is exact because the data order depends only on (seed, epoch) — see
-:class:`~stoker.runtime.stoker.PreparedLoader` — and the position within the epoch is replayed
+:class:`~stoker.runtime.prepared.PreparedLoader` — and the position within the epoch is replayed
 through the data pipeline before the random generators are put back to their saved state.
 """
 
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stoker.errors import StokerError
-from stoker.runtime.boundary import StepBoundary, written_as_of
+from stoker.runtime.boundary import StepBoundary, capture_boundary, written_as_of
 from stoker.runtime.setup import RunSetup
+from stoker.runtime.step import StepListener
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
@@ -41,7 +44,7 @@ class _Pending:
     rng: dict[str, Any]
 
 
-class RunServices:
+class RunServices(StepListener):
     """Run record, metrics, checkpoints and resume for one :class:`~stoker.Stoker`."""
 
     def __init__(
@@ -84,6 +87,10 @@ class RunServices:
         self.checkpointer: Checkpointer | None = None
         self.state: dict[str, Any] | None = None
         self.pending: _Pending | None = None
+        self.step = 0
+        """The last step seen (at attach or a step's end): the final checkpoint's."""
+        self._boundary_keys: tuple[str, ...] = ()
+        self._boundary: StepBoundary | None = None
         self._checked_step = -1
         self._closed = False
 
@@ -104,11 +111,15 @@ class RunServices:
             )
         return self.run.dir / "checkpoints"
 
-    def attach(self, state: dict[str, Any]) -> int | None:
-        """Start checkpointing ``state``; resume into it if asked. Returns the resumed step."""
+    def attach(self, state: dict[str, Any], boundary_keys: tuple[str, ...]) -> int | None:
+        """Start checkpointing ``state``; resume into it if asked. Returns the resumed step.
+
+        ``boundary_keys``: the entries of ``state`` that must be exact as of the optimizer
+        step (copied at the step when a save is due, see :mod:`stoker.runtime.boundary`)."""
         from stoker.checkpoint import CheckpointConfig, Checkpointer, capture_rng
 
         self.state = state
+        self._boundary_keys = boundary_keys
         if self.run is None:
             return None
         self.checkpointer = Checkpointer(
@@ -168,24 +179,46 @@ class RunServices:
             return False
         return self.checkpointer.due(step)
 
-    def after_step(
-        self, step: int, boundary: StepBoundary | None = None, *, live: bool = True
-    ) -> None:
-        """Called at the start of each micro-batch; saves when a checkpoint is due, with the
-        copies of ``boundary`` (taken at the step, see :mod:`stoker.runtime.boundary`) when it
-        is of this step, else with the live state — unless the state moved since the step
-        (``live=False``: a ``backward()`` or ``accumulate()``): a save that became due only
-        since the step (``every_minutes`` elapsed in between) then waits for the next step."""
+    # -- as a step listener ------------------------------------------------------------------
+    def on_step_end(self, step: int) -> None:
+        """At the step (and at attach): when a save of ``step`` is due, copy what it must
+        hold as of now (an integer comparison or two otherwise)."""
+        self.step = step
+        state = self.state
+        if state is not None and self.due(step):
+            self._boundary = capture_boundary(step, state, self._boundary_keys)
+
+    def on_micro_batch(self, step: int, live: bool) -> None:
+        """The start of the next micro-batch: saves when a checkpoint of ``step`` is due, with
+        the copies taken at the step (see :mod:`stoker.runtime.boundary`) when there are some,
+        else with the live state — unless the state moved since the step (``live`` False: a
+        ``backward()`` or ``accumulate()``; ``live``: a prepared loader about to fetch): a save
+        that became due only since the step (``every_minutes`` elapsed in between) then waits
+        for the next step."""
         if step == self._checked_step or self.checkpointer is None or self.state is None:
             return
         self._checked_step = step
-        if boundary is None or boundary.step != step:
+        boundary, self._boundary = self._boundary, None
+        if live or boundary is None or boundary.step != step:
             if not live and self.checkpointer.due(step):
                 return
             self.checkpointer.maybe_save(step, self.state)
             return
         with written_as_of(self.state, boundary) as state:
             self.checkpointer.maybe_save(step, state)
+
+    def close(self, failed: BaseException | None) -> None:
+        """Final checkpoint (none for a failed run: its state may be broken, nor at step 0);
+        background writes finished."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.checkpointer is not None:
+            # No step taken, nothing to keep: a checkpoint of step 0 only when asked for
+            # (save_checkpoint()) or due by the config.
+            if failed is None and self.state is not None and self.step > 0:
+                self.checkpointer.save(self.step, self.state)
+            self.checkpointer.close()
 
     def save(self, step: int) -> Path | None:
         if self.state is None:
@@ -197,19 +230,6 @@ class RunServices:
         return self.checkpointer.save(step, self.state)
 
     # -- the end ----------------------------------------------------------------------------
-    def close(self, step: int, *, failed: bool) -> None:
-        """Final checkpoint at ``step`` (none for a failed run: its state may be broken, nor at
-        step 0); background writes finished."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.checkpointer is not None:
-            # No step taken, nothing to keep: a checkpoint of step 0 only when asked for
-            # (save_checkpoint()) or due by the config.
-            if not failed and self.state is not None and step > 0:
-                self.checkpointer.save(step, self.state)
-            self.checkpointer.close()
-
     def finish(self, error: BaseException | None) -> None:
         """Close the record: ``finished``, or ``failed`` / ``killed`` with ``error``."""
         if self.run is not None:

@@ -13,12 +13,10 @@ read the inf flag on the host to decide whether to step; bf16 needs no scaler.)
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,26 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from stoker.errors import StokerError, install_excepthook
-from stoker.runtime.boundary import StepBoundary, capture_boundary
 from stoker.runtime.device import resolve_device
-from stoker.runtime.distributed import (
-    DistributedContext,
-    barrier,
-    init_distributed,
-    shard_loader,
-    wait_for_ranks,
-)
+from stoker.runtime.distributed import DistributedContext, barrier, init_distributed, shard_loader
 from stoker.runtime.lifecycle import Lifecycle
-from stoker.runtime.nested import map_tensors
+from stoker.runtime.listeners import DoctorListener, RanksListener, RecordListener
+from stoker.runtime.model import PreparedModel, unwrap_model
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
-from stoker.runtime.prepared import (
-    PreparedLoader,
-    PreparedOptimizer,
-    PreparedScheduler,
-    _MicroBatch,
-)
+from stoker.runtime.prepared import PreparedLoader, PreparedOptimizer, PreparedScheduler
 from stoker.runtime.same_data import SameDataCheck
 from stoker.runtime.services import RESUME_CHOICES, RunServices
+from stoker.runtime.step import MicroBatch, TrainingStep
 from stoker.runtime.tracked import TrackedState
 
 if TYPE_CHECKING:
@@ -59,33 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["Stoker"]
 
 log = logging.getLogger(__name__)
-
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in _HALF else t
-
-
-def _to_fp32(output: Any) -> Any:
-    """Cast half-precision floating tensors in a (nested) model output back to fp32, keeping
-    every container's type (an HF ``ModelOutput`` stays one: ``outputs.loss`` works)."""
-    if isinstance(output, torch.Tensor):
-        return _fp32(output)
-    return map_tensors(_fp32, output)
-
-
-def _autocast_forward(forward: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Any:
-    @functools.wraps(forward)
-    def forward_in_autocast(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type=device_type, dtype=dtype):
-            output = forward(*args, **kwargs)
-        # Losses computed outside the model (cross-entropy on bf16 logits) lose precision;
-        # hand fp32 back like a fp32 model would.
-        return _to_fp32(output)
-
-    forward_in_autocast._stoker_autocast = True  # type: ignore[attr-defined]
-    return forward_in_autocast
 
 
 def _have_cxx_compiler() -> bool:
@@ -178,22 +139,15 @@ class Stoker:
         if compile:
             _check_compile(self.device)
         self.compile = compile
-        self.accumulation_steps = accumulation_steps
         self.seed = seed
         if seed is not None:
             self.seed_everything(seed)
         self.dist: DistributedContext = init_distributed(self.device)
-        self.step = 0
-        self.skipped_steps = 0
-        self._micro_step = 0
-        self.sync_gradients = True
-        self._params: list[nn.Parameter] = []
-        self._ddp_models: list[DistributedDataParallel] = []
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._tokens: torch.Tensor | None = None
-        self._plain_backward = False
-        self._finalized = False
-        self._scaler = torch.amp.GradScaler(self.device.type) if self.policy.needs_scaler else None
+        # The training step's state and its listeners (see step.py).
+        scaler = torch.amp.GradScaler(self.device.type) if self.policy.needs_scaler else None
+        self._steps = TrainingStep(
+            accumulation_steps=accumulation_steps, scaler=scaler, dist=self.dist
+        )
         if not (resume in RESUME_CHOICES or isinstance(resume, str | Path)):
             raise StokerError(f"resume={resume!r}; use 'auto', 'never' or a run directory path")
         self.services = RunServices(
@@ -209,17 +163,39 @@ class Stoker:
         """The step this run resumed from, or None for a fresh start."""
         self._loaders: list[PreparedLoader] = []
         self._tracked: TrackedState | None = None
-        # Checkpoint entries that must be exact as of the optimizer step (see boundary.py),
-        # and their copies while a due checkpoint waits for its write.
-        self._boundary_keys: tuple[str, ...] = ()
-        self._boundary: StepBoundary | None = None
         self._same_data: SameDataCheck | None = None
         self._closed = False
-        self._micro_batch = _MicroBatch(self)
+        self._micro_batch: MicroBatch = self._steps.micro_batch
         self._doctor_config = doctor
         self.doctor: Doctor | None = None
-        self._doctor_active = True
+        # Closed in reverse order: checkpoints and the doctor (attached at prepare), then the
+        # ranks' barrier, then the record (see listeners.py).
+        self._steps.add_listener(RecordListener(self.services))
+        if self.dist.group is not None:
+            self._steps.add_listener(RanksListener(self.dist.group))
         self._lifecycle = Lifecycle(self.close)
+
+    # -- the step's counters (owned by self._steps) ------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (a Python int: reading it never waits for the device)."""
+        return self._steps.step
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step under :meth:`accumulate`."""
+        return self._steps.accumulation_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps the grad scaler skipped (non-finite gradients)."""
+        return self._steps.skipped_steps
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether this micro-batch completes the gradients: the last of its accumulation
+        window (always True outside :meth:`accumulate`)."""
+        return self._steps.sync_gradients
 
     # -- where this process is -------------------------------------------------------------
     @property
@@ -275,10 +251,13 @@ class Stoker:
         """Ready a model, its optimizer and any data loaders for this device and process group.
 
         ``prepare(model, optimizer, *loaders, scheduler=None, state=None)`` returns the same
-        objects in the same order (the scheduler last, if given): the model on the device,
-        wrapped in ``DistributedDataParallel`` when several processes run, compiled when
-        asked, its forward under the precision policy's autocast; the optimizer stepping once
-        per accumulation window; each loader yielding this rank's shard on the device.
+        objects in the same order (the scheduler last, if given): the model moved to the
+        device and wrapped, never patched, in a :class:`~stoker.runtime.model.PreparedModel`
+        that runs it under the precision policy's autocast (outputs in fp32), through
+        ``DistributedDataParallel`` when several processes run, compiled when asked (its
+        ``state_dict`` and attributes are your module's; :meth:`unwrap` gives your module
+        back); the optimizer stepping once per accumulation window; each loader yielding this
+        rank's shard on the device. Each model is prepared once.
 
         ``state``: your own state to checkpoint and restore on resume, by name: dicts of plain
         values and tensors (restored in place: the epoch, a learning rate you manage, the best
@@ -295,11 +274,17 @@ class Stoker:
         prepared: list[Any] = [self._prepare_model(model)]
         for obj in objects:
             if isinstance(obj, torch.optim.Optimizer):
-                self._optimizers.append(obj)
-                prepared.append(PreparedOptimizer(obj, self))
+                self._steps.add_optimizer(obj)
+                prepared.append(PreparedOptimizer(obj, self._steps))
             elif isinstance(obj, DataLoader):
                 seed = self.seed if self.seed is not None else 0
-                loader = PreparedLoader(shard_loader(obj, self.dist, seed), self.device, self)
+                loader = PreparedLoader(
+                    shard_loader(obj, self.dist, seed),
+                    self.device,
+                    self._steps,
+                    seed=seed,
+                    replayed=self.services.restore_rng_after_replay,
+                )
                 self._loaders.append(loader)
                 prepared.append(loader)
             else:
@@ -308,7 +293,7 @@ class Stoker:
                     "an nn.Module, optimizers and DataLoaders (and scheduler=...)"
                 )
         if scheduler is not None:
-            prepared.append(PreparedScheduler(scheduler, self))
+            prepared.append(PreparedScheduler(scheduler, self._steps))
         if state is not None:
             if self._tracked is not None or self.services.state is not None:
                 raise StokerError(
@@ -326,7 +311,7 @@ class Stoker:
         if self.services.state is not None:
             return  # attached at the first prepare(); later objects are not checkpointed
         state: dict[str, Any] = {"model": model, "stoker": self}
-        for i, optimizer in enumerate(self._optimizers):
+        for i, optimizer in enumerate(self._steps.optimizers):
             state[f"optimizer{i or ''}"] = optimizer
         if scheduler is not None:
             state["scheduler"] = scheduler
@@ -337,46 +322,51 @@ class Stoker:
         if self._tracked is not None:
             state["user"] = self._tracked
             keys.append("user")
-        self._boundary_keys = tuple(keys)
         self._start_doctor()
-        self.resumed_from = self.services.attach(state)
+        self.resumed_from = self.services.attach(state, tuple(keys))
+        if self.services.checkpointer is not None:
+            self._steps.add_listener(self.services)
         if self.resumed_from is not None:
             self.print(f"stoker: resumed from step {self.resumed_from} ({self.services.run_dir})")
             if not self._loaders:
                 self.services.restore_rng_after_replay()
-        self._at_step_boundary()  # a checkpoint of step 0 holds the state the loop starts in
+        # A checkpoint of step 0 (or of the resumed step) holds the state the loop starts in.
+        self.services.on_step_end(self.step)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, PreparedModel):
+            raise StokerError(
+                "this model was already prepared; prepare() takes your own module, once "
+                "(keep using the model the first prepare() returned)"
+            )
         model.to(self.device)
-        self._params.extend(p for p in model.parameters() if p.requires_grad)
-        dtype = self.policy.autocast_dtype
-        if dtype is not None and not getattr(model.forward, "_stoker_autocast", False):
-            model.forward = _autocast_forward(model.forward, self.device.type, dtype)
-        wrapped: nn.Module = model
+        forward: nn.Module = model
+        ddp: DistributedDataParallel | None = None
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            ddp = DistributedDataParallel(model, device_ids=device_ids)
-            self._ddp_models.append(ddp)
-            wrapped = ddp
+            forward = ddp = DistributedDataParallel(model, device_ids=device_ids)
         if self.compile:
-            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
-        return wrapped
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        self._steps.add_model(model, ddp)
+        return PreparedModel(
+            model,
+            forward,
+            autocast_dtype=self.policy.autocast_dtype,
+            device_type=self.device.type,
+        )
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        """The user's own module inside any DDP or ``torch.compile`` wrappers."""
-        while True:
-            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-            if not isinstance(inner, nn.Module):
-                return model
-            model = inner
+        """The user's own module inside the prepared model and any DDP or ``torch.compile``
+        wrappers (taken off by type: a child of yours named ``module`` stays yours)."""
+        return unwrap_model(model)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The precision policy's autocast, for computation outside the prepared model."""
         return self.policy.autocast()
 
     # -- the step --------------------------------------------------------------------------
-    def accumulate(self, model: nn.Module) -> _MicroBatch:
+    def accumulate(self, model: nn.Module) -> MicroBatch:
         """One micro-batch of a gradient-accumulation window (a context manager).
 
         On all but the last micro-batch of each window of ``accumulation_steps``, DDP's
@@ -396,63 +386,10 @@ class Stoker:
         divided by the global token count before clipping and stepping. The count never
         leaves the device.
         """
-        if self.step != self.services._checked_step:  # an int comparison; a save when due
-            self._checkpoint_point()
         if self._same_data is not None:
             check, self._same_data = self._same_data, None
             check.check(self.rank, self.world_size)
-        self._finalized = False
-        if tokens is None:
-            self._plain_backward = True
-            scaled = loss / self.accumulation_steps if self.accumulation_steps > 1 else loss
-        else:
-            if not isinstance(tokens, torch.Tensor):
-                tokens = torch.tensor(tokens, device=loss.device)
-            count = tokens.detach().to(torch.float32)
-            self._tokens = count if self._tokens is None else self._tokens + count
-            scaled = loss * count
-        if self._plain_backward and self._tokens is not None:
-            raise StokerError(
-                "backward() was called both with and without tokens= in one accumulation "
-                "window; pass tokens= on every micro-batch or on none"
-            )
-        if self._scaler is not None:
-            scaled = self._scaler.scale(scaled)
-        scaled.backward()
-
-    def _finalize_gradients(self) -> None:
-        """Unscale (fp16) and token-normalise the window's gradients; once per step."""
-        if self._finalized:
-            return
-        self._finalized = True
-        if self._scaler is not None:
-            for optimizer in self._optimizers:
-                self._scaler.unscale_(optimizer)
-        if self._tokens is not None:
-            total = self._tokens
-            if self.dist.enabled:
-                dist.all_reduce(total)
-            # DDP averaged the summed-loss gradients over ranks; undo that and divide by the
-            # global token count: grad = sum_ranks(g) / total = mean_ranks(g) * W / total.
-            scale = self.world_size / total.clamp_min(1.0)
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-
-    def _scaler_step(self, optimizer: torch.optim.Optimizer) -> Any:
-        assert self._scaler is not None
-        before = self._scaler.get_scale()
-        result = self._scaler.step(optimizer)
-        self._scaler.update()
-        if self._scaler.get_scale() < before:
-            # GradScaler found inf/nan gradients and skipped optimizer.step(): say so.
-            self.skipped_steps += 1
-            log.warning(
-                "fp16 step %d skipped: non-finite gradients, loss scale lowered to %g",
-                self.step,
-                self._scaler.get_scale(),
-            )
-        return result
+        self._steps.backward(loss, tokens)
 
     def _start_doctor(self) -> None:
         from stoker.doctor import Doctor, DoctorConfig, active_doctor
@@ -464,43 +401,7 @@ class Stoker:
             return
         config = wanted if isinstance(wanted, DoctorConfig) else DoctorConfig()
         self.doctor = Doctor(config).attach(auto_step=False)
-
-    def _doctor_step(self) -> None:
-        doctor = self.doctor
-        assert doctor is not None
-        doctor.step()
-        if doctor.done or doctor.failed is not None:
-            doctor.detach()  # its window is over: no hook stays on the training path
-            self._doctor_active = False
-
-    def _doctor_report(self) -> None:
-        doctor = self.doctor
-        if doctor is None:
-            return
-        doctor.detach()
-        try:
-            report = doctor.report()
-        except StokerError as exc:
-            log.info("stoker doctor: no report: %s", exc)
-            return
-        report.print()
-        if self.run_dir is not None:
-            report.write_json(self.run_dir)
-
-    def _after_step(self) -> None:
-        if self.doctor is not None and self._doctor_active:
-            self._doctor_step()
-        self.step += 1
-        self._tokens = None
-        self._plain_backward = False
-        self._finalized = False
-        self._at_step_boundary()
-
-    def _at_step_boundary(self) -> None:
-        # An int comparison or two, unless a save is due: then copy, see boundary.py.
-        state = self.services.state
-        if state is not None and self.services.due(self.step):
-            self._boundary = capture_boundary(self.step, state, self._boundary_keys)
+        self._steps.add_listener(DoctorListener(self.doctor, self.run_dir))
 
     def step_done(self) -> None:
         """Mark an optimizer step of a loop that updates the weights itself.
@@ -525,18 +426,14 @@ class Stoker:
             >>> stoker.step
             1
         """
-        if self.sync_gradients:
-            self._after_step()
+        self._steps.step_done()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
         """Clip the prepared models' gradients; returns the total norm as a device tensor.
 
         On non-final micro-batches of an accumulation window it does nothing and returns None.
         """
-        if not self.sync_gradients:
-            return None
-        self._finalize_gradients()
-        return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type, foreach=True)
+        return self._steps.clip_grad_norm_(max_norm, norm_type)
 
     # -- records and checkpoints --------------------------------------------------------
     @property
@@ -560,6 +457,7 @@ class Stoker:
         """
         if not self._lifecycle.owns_process():
             return None
+        self._steps.settle()
         return self.services.save(self.step)
 
     def close(self, failed: BaseException | None = None) -> None:
@@ -577,47 +475,24 @@ class Stoker:
             return
         self._closed = True
         failure = failed if failed is not None else self._lifecycle.failure
-        try:
-            self.services.close(self.step, failed=failure is not None)
-            if failure is None:  # a failed run has nothing to diagnose
-                self._doctor_report()
-            elif self.doctor is not None:  # but its profiler must not outlive the run
-                self.doctor.detach()
-            # A failed rank leaves at once (its peers fail in turn, and torchrun restarts the
-            # job); the others wait for each other, for at most STOKER_COLLECTIVE_TIMEOUT.
-            if failure is None and self.dist.group is not None and dist.is_initialized():
-                wait_for_ranks(self.dist.group, "the end of the run (Stoker.close)")
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            self.services.finish(failure)
-            if failure is None and self.dist.owns_group and dist.is_initialized():
-                dist.destroy_process_group()
-
-    def _checkpoint_point(self, live: bool = False) -> None:
-        """The start of a micro-batch: write a due checkpoint (one integer comparison per
-        micro-batch otherwise). ``live``: nothing moved since the step (a prepared loader
-        about to fetch), so the live state is written; else the step's copies."""
-        if self.step != self.services._checked_step:
-            boundary, self._boundary = self._boundary, None
-            self.services.after_step(self.step, None if live else boundary, live=live)
-
-    def _services_resumed(self) -> None:
-        if self.services.pending is not None:
-            self.services.restore_rng_after_replay()
+        # Final checkpoint, doctor report, ranks' barrier, record: see listeners.py. Raises
+        # the first error any of them raised, once all have closed.
+        self._steps.close(failure)
+        if failure is None and self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def state_dict(self) -> dict[str, Any]:
         """Step counters, the grad scaler and the setup (see :mod:`stoker.runtime.setup`):
         what a checkpoint needs of the runtime."""
+        steps = self._steps
         state: dict[str, Any] = {
-            "step": self.step,
-            "micro_step": self._micro_step,
-            "skipped_steps": self.skipped_steps,
+            "step": steps.step,
+            "micro_step": steps.micro_step,
+            "skipped_steps": steps.skipped_steps,
             "setup": self.services.setup.state_dict(),
         }
-        if self._scaler is not None:
-            state["scaler"] = self._scaler.state_dict()
+        if steps.scaler is not None:
+            state["scaler"] = steps.scaler.state_dict()
         return state
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
@@ -625,14 +500,15 @@ class Stoker:
         self.services.setup.check(state.get("setup"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._micro_step = int(state["micro_step"])
-        self.skipped_steps = int(state["skipped_steps"])
+        steps = self._steps
+        steps.step = int(state["step"])
+        steps.micro_step = int(state["micro_step"])
+        steps.skipped_steps = int(state["skipped_steps"])
         self.services.setup.restored(state.get("setup"))
         if "settings.accumulation_steps" in self.services.setup.changes():
-            self._micro_step = self.step * self.accumulation_steps  # a window starts here
-        if self._scaler is not None and "scaler" in state:
-            self._scaler.load_state_dict(state["scaler"])
+            steps.micro_step = steps.step * self.accumulation_steps  # a window starts here
+        if steps.scaler is not None and "scaler" in state:
+            steps.scaler.load_state_dict(state["scaler"])
 
     # -- collectives ----------------------------------------------------------------------
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ Rule = Callable[[Measurements, Probes], list[Finding]]
 RULES: dict[str, Rule] = {}
 
 
-def _rule(code: str) -> Callable[[Rule], Rule]:
+def rule(code: str) -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         RULES[code] = fn
         return fn
@@ -62,7 +62,7 @@ def _rule(code: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def _severity(share: float | None, floor: str = "low") -> str:
+def severity_of(share: float | None, floor: str = "low") -> str:
     level = "low"
     if share is not None and share >= 0.20:
         level = "high"
@@ -71,20 +71,20 @@ def _severity(share: float | None, floor: str = "low") -> str:
     return min(level, floor, key=SEVERITIES.index)
 
 
-def _loc(site: Site | None) -> str | None:
+def location(site: Site | None) -> str | None:
     return str(site) if site is not None else None
 
 
-def _ms(x: float) -> float:
+def rounded_ms(x: float) -> float:
     return round(x, 3)
 
 
 def diagnose(m: Measurements, probes: Probes) -> list[Finding]:
     """All findings, most costly first (unmeasured ones last). A failing rule is skipped."""
     findings: list[Finding] = []
-    for code, rule in RULES.items():
+    for code, check in RULES.items():
         try:
-            findings.extend(rule(m, probes))
+            findings.extend(check(m, probes))
         except Exception as exc:  # one broken rule must not cost the user the others
             log.warning("doctor rule %s failed: %r", code, exc)
     return sorted(findings, key=lambda f: -(f.share if f.share is not None else -1.0))

@@ -3,14 +3,14 @@ many small ops, small batches, CPU threads, torch.compile recompilations."""
 
 from __future__ import annotations
 
-from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
+from stoker.doctor.rules._base import Finding, Probes, location, rounded_ms, rule, severity_of
 from stoker.doctor.session import Measurements
 from stoker.runtime.hardware import matmul_speed
 
 __all__: list[str] = []  # rules register themselves in RULES
 
 
-@_rule("fp32-matmul")
+@rule("fp32-matmul")
 def fp32_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     """Matrix products run in fp32 where bf16 (measured on this model) is faster."""
     fp32_ms = m.profile.matmul_ms_by_dtype.get("float32", 0.0)
@@ -34,7 +34,7 @@ def fp32_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="fp32-matmul",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=(
                 f"matrix products run in fp32 ({fp32_ms:.1f} ms per step, "
@@ -42,18 +42,18 @@ def fp32_matmul(m: Measurements, probes: Probes) -> list[Finding]:
                 f"measured {1 / probe.ratio:.1f}x faster under bf16 autocast"
             ),
             fix=fix,
-            location=_loc(fwd.site),
+            location=location(fwd.site),
             evidence={
-                "fp32_matmul_ms": _ms(fp32_ms),
-                "forward_backward_ms": _ms(fb_ms),
-                "probe_fp32_ms": _ms(1e3 * probe.baseline_s),
-                "probe_bf16_ms": _ms(1e3 * probe.variant_s),
+                "fp32_matmul_ms": rounded_ms(fp32_ms),
+                "forward_backward_ms": rounded_ms(fb_ms),
+                "probe_fp32_ms": rounded_ms(1e3 * probe.baseline_s),
+                "probe_bf16_ms": rounded_ms(1e3 * probe.variant_s),
             },
         )
     ]
 
 
-@_rule("bf16-matmul")
+@rule("bf16-matmul")
 def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     """Matrix products run in bf16 on hardware that emulates it (an AVX2-only CPU, say)."""
     if m.device not in ("cpu", "cuda"):
@@ -75,7 +75,7 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="bf16-matmul",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=(
                 f"matrix products run in bf16 ({bf16_ms:.1f} ms per step, "
@@ -92,9 +92,9 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
                 "`Stoker(precision='auto')`, which measures this); keep bf16 for machines "
                 "with AMX, AVX512-BF16 or a GPU"
             ),
-            location=_loc(fwd.site) if fwd is not None else None,
+            location=location(fwd.site) if fwd is not None else None,
             evidence={
-                "bf16_matmul_ms": _ms(bf16_ms),
+                "bf16_matmul_ms": rounded_ms(bf16_ms),
                 "bf16_speedup": round(speed.bf16_speedup, 4),
                 "probe_source": speed.source,
             },
@@ -102,7 +102,7 @@ def bf16_matmul(m: Measurements, probes: Probes) -> list[Finding]:
     ]
 
 
-@_rule("many-small-ops")
+@rule("many-small-ops")
 def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
     """A line issues many tiny torch calls per step: a Python loop one batched op would replace."""
     attr = m.attribution
@@ -136,7 +136,7 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="many-small-ops",
-                severity=_severity(share),
+                severity=severity_of(share),
                 share=share,
                 title=(
                     f"this line runs {calls:.0f} small torch calls per {unit} ({top}; "
@@ -147,11 +147,11 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
                     "(`x[idx]`), broadcast (`x * w`), reduce along a dim (`x.sum(dim=1)`), or "
                     "`torch._foreach_*` for per-parameter loops"
                 ),
-                location=_loc(line.site),
+                location=location(line.site),
                 evidence={
                     "calls_per_micro_batch": round(calls, 1),
                     "micro_batches_per_step": round(m.micro_batches, 2),
-                    "ms_per_step": _ms(ms),
+                    "ms_per_step": rounded_ms(ms),
                     "mean_call_us": round(mean_us, 1),
                     "ops_per_step": m.profile.ops_per_step,
                 },
@@ -160,7 +160,7 @@ def many_small_ops(m: Measurements, probes: Probes) -> list[Finding]:
     return out
 
 
-@_rule("small-batch")
+@rule("small-batch")
 def small_batch(m: Measurements, probes: Probes) -> list[Finding]:
     """The batch is too small to occupy the hardware: 4x the batch costs far less than 4x."""
     probe = probes.get("batch4")
@@ -184,19 +184,19 @@ def small_batch(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="small-batch",
-            severity=_severity(share, "medium"),
+            severity=severity_of(share, "medium"),
             share=share,
             title=(
                 f"batch size {batch} leaves the hardware idle: 4x the batch measured "
                 f"{1 / r:.1f}x more samples per second in forward+backward"
             ),
             fix=_small_batch_fix(batch, m.micro_batches),
-            location=_loc(site),
+            location=location(site),
             evidence={
                 "batch_size": batch,
-                "forward_backward_ms": _ms(fb),
-                "probe_1x_ms": _ms(1e3 * probe.baseline_s / 4),
-                "probe_4x_ms": _ms(1e3 * probe.variant_s),
+                "forward_backward_ms": rounded_ms(fb),
+                "probe_1x_ms": rounded_ms(1e3 * probe.baseline_s / 4),
+                "probe_4x_ms": rounded_ms(1e3 * probe.variant_s),
             },
         )
     ]
@@ -217,7 +217,7 @@ def _small_batch_fix(batch: int | None, micro_batches: float) -> str:
     )
 
 
-@_rule("cpu-threads")
+@rule("cpu-threads")
 def cpu_threads(m: Measurements, probes: Probes) -> list[Finding]:
     """CPU intra-op threads below (idle cores) or above (oversubscribed) the usable cores."""
     probe = probes.get("threads")
@@ -239,7 +239,7 @@ def cpu_threads(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="cpu-threads",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=(
                 f"{t['intra_op']} intra-op threads on {t['cores']} usable cores ({state}, set by "
@@ -250,18 +250,18 @@ def cpu_threads(m: Measurements, probes: Probes) -> list[Finding]:
                 f"torch.set_num_threads({t['cores']}) (or remove the call / unset "
                 "OMP_NUM_THREADS); with DataLoader workers, leave them a core each"
             ),
-            location=_loc(where),
+            location=location(where),
             evidence={
                 "intra_op_threads": t["intra_op"],
                 "cores": t["cores"],
-                "probe_ms": _ms(1e3 * probe.baseline_s),
-                "probe_all_cores_ms": _ms(1e3 * probe.variant_s),
+                "probe_ms": rounded_ms(1e3 * probe.baseline_s),
+                "probe_all_cores_ms": rounded_ms(1e3 * probe.variant_s),
             },
         )
     ]
 
 
-@_rule("recompiles")
+@rule("recompiles")
 def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
     """torch.compile keeps recompiling after warm-up, or its graph breaks."""
     before, after = m.compile.get("before") or {}, m.compile.get("after") or {}
@@ -287,7 +287,7 @@ def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
                     "shape): pass changing numbers as tensors, pad shapes to a few buckets, or "
                     "`torch.compile(..., dynamic=True)`; TORCH_LOGS=recompiles shows the guard"
                 ),
-                location=_loc(site),
+                location=location(site),
                 evidence={"recompile_limit_hits": gave_up},
             )
         )
@@ -297,7 +297,7 @@ def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="recompiles",
-                severity=_severity(share, "high"),
+                severity=severity_of(share, "high"),
                 share=share,
                 title=(
                     f"torch.compile compiled {frames} frame(s) during the {m.steps} profiled "
@@ -308,8 +308,8 @@ def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
                     "shape): pass changing numbers as tensors, pad shapes to a few buckets, or "
                     "`torch.compile(..., dynamic=True)`; TORCH_LOGS=recompiles shows the guard"
                 ),
-                location=_loc(site),
-                evidence={"frames_compiled": frames, "compile_ms_per_step": _ms(ms)},
+                location=location(site),
+                evidence={"frames_compiled": frames, "compile_ms_per_step": rounded_ms(ms)},
             )
         )
     # Graph breaks happen while compiling (warm-up): count those since the doctor attached.
@@ -329,7 +329,7 @@ def recompiles(m: Measurements, probes: Probes) -> list[Finding]:
                     "move the unsupported call (print, .item(), data-dependent Python branch) out "
                     "of the compiled function; `torch._dynamo.explain(fn)(*args)` lists each break"
                 ),
-                location=_loc(site),
+                location=location(site),
                 evidence={"graph_breaks": sum(breaks.values()), "top_reason_count": count},
             )
         )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import statistics
 
-from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
+from stoker.doctor.rules._base import Finding, Probes, location, rounded_ms, rule, severity_of
 from stoker.doctor.session import Measurements
 
 __all__: list[str] = []  # rules register themselves in RULES
 
 
-@_rule("dataloader-starved")
+@rule("dataloader-starved")
 def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
     """The loop waits for the next batch for a large part of the step."""
     # Medians over the profiled steps: one step the OS preempted inside next() is not a trend.
@@ -46,17 +46,17 @@ def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="dataloader-starved",
-            severity=_severity(saving / step_ms),
+            severity=severity_of(saving / step_ms),
             share=saving / step_ms,
             title=(
                 f"the loop waits {data_ms:.1f} ms per step ({100 * share:.0f}% of the step) for "
                 f"the DataLoader (num_workers={loader.num_workers})"
             ),
             fix=fix,
-            location=_loc(loader.site or loader.iterated_at),
+            location=location(loader.site or loader.iterated_at),
             evidence={
-                "data_wait_ms": _ms(data_ms),
-                "step_ms": _ms(step_ms),
+                "data_wait_ms": rounded_ms(data_ms),
+                "step_ms": rounded_ms(step_ms),
                 "num_workers": loader.num_workers,
                 "cores": cores,
                 "intra_op_threads": m.threads["intra_op"],
@@ -65,7 +65,7 @@ def dataloader_starved(m: Measurements, probes: Probes) -> list[Finding]:
     ]
 
 
-@_rule("no-pin-memory")
+@rule("no-pin-memory")
 def no_pin_memory(m: Measurements, probes: Probes) -> list[Finding]:
     """CUDA only: batches are copied to the GPU from pageable memory."""
     prof = m.profile
@@ -82,7 +82,7 @@ def no_pin_memory(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="no-pin-memory",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=(
                 f"host-to-device copies from pageable memory take {prof.h2d_pageable_ms:.1f} ms "
@@ -92,13 +92,16 @@ def no_pin_memory(m: Measurements, probes: Probes) -> list[Finding]:
                 "DataLoader(..., pin_memory=True) and `batch.to(device, non_blocking=True)` (or "
                 "stoker.prepare, which does both)"
             ),
-            location=_loc(loaders[0].site or loaders[0].iterated_at),
-            evidence={"h2d_ms": _ms(prof.h2d_ms), "h2d_pageable_ms": _ms(prof.h2d_pageable_ms)},
+            location=location(loaders[0].site or loaders[0].iterated_at),
+            evidence={
+                "h2d_ms": rounded_ms(prof.h2d_ms),
+                "h2d_pageable_ms": rounded_ms(prof.h2d_pageable_ms),
+            },
         )
     ]
 
 
-@_rule("padding-waste")
+@rule("padding-waste")
 def padding_waste(m: Measurements, probes: Probes) -> list[Finding]:
     """Batches are mostly padding (from the ragged-data accounting, when the run has it)."""
     acc = m.extras.get("accounting") or {}
@@ -111,20 +114,20 @@ def padding_waste(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="padding-waste",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=f"{100 * frac:.0f}% of the tokens in each batch are padding",
             fix=(
                 "group by length (stoker.data length-grouped / token-budget sampler) or pack "
                 "sequences (stoker.data.packing)"
             ),
-            location=_loc(acc.get("site")),
+            location=location(acc.get("site")),
             evidence={"padding_fraction": round(frac, 3)},
         )
     ]
 
 
-@_rule("rank-imbalance")
+@rule("rank-imbalance")
 def rank_imbalance(m: Measurements, probes: Probes) -> list[Finding]:
     """Data-parallel ranks get unequal work, so every step waits for the busiest one."""
     acc = m.extras.get("accounting") or {}
@@ -138,7 +141,7 @@ def rank_imbalance(m: Measurements, probes: Probes) -> list[Finding]:
     return [
         Finding(
             code="rank-imbalance",
-            severity=_severity(share),
+            severity=severity_of(share),
             share=share,
             title=(
                 f"ranks get unequal work: real tokens per step range {min(per_rank):.0f}-"
@@ -149,7 +152,7 @@ def rank_imbalance(m: Measurements, probes: Probes) -> list[Finding]:
                 "balance tokens, not samples, across ranks: a rank-balanced / token-budget "
                 "sampler from stoker.data.samplers (or pack sequences)"
             ),
-            location=_loc(acc.get("site")),
+            location=location(acc.get("site")),
             evidence={
                 "real_tokens_per_rank": [round(x, 1) for x in per_rank],
                 "wait_fraction": round(wait, 3),

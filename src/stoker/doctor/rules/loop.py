@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from stoker.doctor.rules._base import Finding, Probes, _loc, _ms, _rule, _severity
+from stoker.doctor.rules._base import Finding, Probes, location, rounded_ms, rule, severity_of
 from stoker.doctor.session import Measurements
 
 __all__: list[str] = []  # rules register themselves in RULES
 
 
-@_rule("host-sync")
+@rule("host-sync")
 def host_sync(m: Measurements, probes: Probes) -> list[Finding]:
     """A tensor-to-Python conversion made by the user's code on every step."""
     attr = m.attribution
@@ -58,14 +58,14 @@ def host_sync(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="host-sync",
-                severity=_severity(share, "high") if m.device != "cpu" else "low",
+                severity=severity_of(share, "high") if m.device != "cpu" else "low",
                 share=share,
                 title=f"this line {what} on every step, forcing a host–device sync.{device_note}",
                 fix=fix,
-                location=_loc(sync.site),
+                location=location(sync.site),
                 evidence={
                     "syncs_per_step": per_step,
-                    "ms_per_step": _ms(ms),
+                    "ms_per_step": rounded_ms(ms),
                     "kinds": sorted(kinds),
                     "device": m.device,
                 },
@@ -74,7 +74,7 @@ def host_sync(m: Measurements, probes: Probes) -> list[Finding]:
     return out
 
 
-@_rule("grad-zeroing")
+@rule("grad-zeroing")
 def grad_zeroing(m: Measurements, probes: Probes) -> list[Finding]:
     """Gradients are overwritten with zeros (then added into) instead of being dropped."""
     out = []
@@ -91,13 +91,13 @@ def grad_zeroing(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="grad-zeroing",
-                severity=_severity(share),
+                severity=severity_of(share),
                 share=share,
                 title=f"{what} ({ms:.2f} ms per step) and backward then adds into them "
                 f"({acc:.2f} ms)",
                 fix=fix,
-                location=_loc(site),
-                evidence={"zero_ms": _ms(ms), "accumulate_ms": _ms(acc)},
+                location=location(site),
+                evidence={"zero_ms": rounded_ms(ms), "accumulate_ms": rounded_ms(acc)},
             )
         )
 
@@ -117,7 +117,7 @@ def grad_zeroing(m: Measurements, probes: Probes) -> list[Finding]:
     return out
 
 
-@_rule("eval-without-no-grad")
+@rule("eval-without-no-grad")
 def eval_without_no_grad(m: Measurements, probes: Probes) -> list[Finding]:
     """A model in eval mode runs with autograd on: graph and activations kept for nothing."""
     out = []
@@ -133,7 +133,7 @@ def eval_without_no_grad(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="eval-without-no-grad",
-                severity=_severity(share, "medium"),
+                severity=severity_of(share, "medium"),
                 share=share,
                 title=(
                     f"{type(f.module).__name__} runs in eval mode with autograd on "
@@ -141,13 +141,13 @@ def eval_without_no_grad(m: Measurements, probes: Probes) -> list[Finding]:
                     "activations that no backward will use"
                 ),
                 fix="wrap the evaluation in `with torch.no_grad():` (or `torch.inference_mode()`)",
-                location=_loc(f.site),
+                location=location(f.site),
                 evidence={
-                    "eval_forward_ms_per_step": _ms(ms),
+                    "eval_forward_ms_per_step": rounded_ms(ms),
                     **(
                         {
-                            "probe_grad_ms": _ms(1e3 * probe.baseline_s),
-                            "probe_no_grad_ms": _ms(1e3 * probe.variant_s),
+                            "probe_grad_ms": rounded_ms(1e3 * probe.baseline_s),
+                            "probe_no_grad_ms": rounded_ms(1e3 * probe.variant_s),
                         }
                         if probe
                         else {}
@@ -158,7 +158,7 @@ def eval_without_no_grad(m: Measurements, probes: Probes) -> list[Finding]:
     return out
 
 
-@_rule("unfused-optimizer")
+@rule("unfused-optimizer")
 def unfused_optimizer(m: Measurements, probes: Probes) -> list[Finding]:
     """The optimizer loops over parameters where its fused kernel (measured) is faster."""
     out = []
@@ -174,18 +174,18 @@ def unfused_optimizer(m: Measurements, probes: Probes) -> list[Finding]:
         out.append(
             Finding(
                 code="unfused-optimizer",
-                severity=_severity(share),
+                severity=severity_of(share),
                 share=share,
                 title=(
                     f"{info.name} steps {info.n_tensors} tensors one by one ({opt_ms:.1f} ms per "
                     f"step); its fused kernel measured {1 / probe.ratio:.1f}x faster here"
                 ),
                 fix=f"torch.optim.{info.name}(..., fused=True)",
-                location=_loc(info.site or info.step_site),
+                location=location(info.site or info.step_site),
                 evidence={
-                    "optimizer_ms": _ms(opt_ms),
-                    "probe_ms": _ms(1e3 * probe.baseline_s),
-                    "probe_fused_ms": _ms(1e3 * probe.variant_s),
+                    "optimizer_ms": rounded_ms(opt_ms),
+                    "probe_ms": rounded_ms(1e3 * probe.baseline_s),
+                    "probe_fused_ms": rounded_ms(1e3 * probe.variant_s),
                     "tensors": info.n_tensors,
                 },
             )

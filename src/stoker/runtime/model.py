@@ -1,0 +1,178 @@
+"""The model :meth:`Stoker.prepare` hands back: a wrapper around the user's module, never a patch.
+
+:class:`PreparedModel` holds two modules: the user's own, untouched (its ``forward`` is its own,
+so ``torch.export`` or a plain ``state_dict`` of it sees no autocast), and the module it calls
+forward through: the user's module, or ``DistributedDataParallel`` around it, either one under
+``torch.compile`` when asked. Its ``forward`` runs that module under the precision policy's
+autocast and hands half-precision outputs back in fp32, each container as its own type (see
+:mod:`stoker.runtime.nested`). What it is not:
+
+- not a new set of weights: ``state_dict()`` and ``load_state_dict()`` are the user module's,
+  with the user module's keys (no ``module.`` prefix), so checkpoints load into a bare model;
+- not a wall: attributes it does not have come from the user's module (``model.init_hidden``,
+  ``model.config``) and are set there when the user's module has them; so does indexing
+  (``model[0]`` of a ``Sequential``); ``train()`` and ``eval()`` reach the user's module as a
+  child. Methods called that way run the user's module directly: without autocast, and outside DDP.
+
+:func:`unwrap_model` takes wrappers off by type — this one, DDP, ``torch.compile``'s
+``OptimizedModule`` — never by following an attribute named ``module``: a user's model may have
+a child called that.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from stoker.runtime.nested import map_tensors
+
+__all__ = ["PreparedModel", "unwrap_model"]
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
+def _to_fp32(output: Any) -> Any:
+    """Cast half-precision floating tensors in a (nested) model output back to fp32, keeping
+    every container's type (an HF ``ModelOutput`` stays one: ``outputs.loss`` works)."""
+    if isinstance(output, torch.Tensor):
+        return _fp32(output)
+    return map_tensors(_fp32, output)
+
+
+def _compiled_type() -> type[nn.Module] | None:
+    # Only a process that imported dynamo can hold a compiled module; importing it costs ~1 s.
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's own module inside a :class:`PreparedModel`, ``DistributedDataParallel`` and
+    ``torch.compile`` wrappers, taken off by type; any other module is returned as it is."""
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, PreparedModel):
+            model = model.unwrapped
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod  # type: ignore[assignment]  # the compiled original
+        else:
+            return model
+
+
+class PreparedModel(nn.Module):
+    """The user's module run on the device, under autocast, through DDP and compile if asked.
+
+    Args:
+        module: the user's module (on the device already).
+        forward_module: what ``forward`` calls: ``module`` itself, or a DDP and/or
+            ``torch.compile`` wrapper around it.
+        autocast_dtype: the precision policy's autocast dtype, None for fp32.
+        device_type: the device type autocast runs on (``"cpu"``, ``"cuda"``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        forward_module: nn.Module,
+        *,
+        autocast_dtype: torch.dtype | None,
+        device_type: str,
+    ) -> None:
+        super().__init__()
+        self.forward_module = forward_module  # a child: train()/eval()/to() reach the user's
+        self.__dict__["_forward"] = forward_module  # the same, without nn.Module's lookup
+        # The user's module is inside forward_module; kept outside nn.Module's registries so it
+        # is not a second child (named_parameters would list every weight twice over).
+        self.__dict__["unwrapped"] = module
+        self.__dict__["ddp"] = (
+            forward_module if isinstance(forward_module, DistributedDataParallel) else None
+        )
+        if self.ddp is None:  # compile(DDP(module)): reach the DDP under compile's wrapper
+            inner = getattr(forward_module, "_orig_mod", None)
+            if isinstance(inner, DistributedDataParallel):
+                self.__dict__["ddp"] = inner
+        self.__dict__["autocast_dtype"] = autocast_dtype
+        self.__dict__["device_type"] = device_type
+
+    # Typed views of what __init__ put in __dict__ (found there before __getattr__ is asked).
+    unwrapped: nn.Module
+    """The user's own module."""
+    ddp: DistributedDataParallel | None
+    """The ``DistributedDataParallel`` wrapper forward runs through, if any."""
+    autocast_dtype: torch.dtype | None
+    device_type: str
+    _forward: nn.Module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return self._forward(*args, **kwargs)
+        with torch.autocast(device_type=self.device_type, dtype=dtype):
+            output = self._forward(*args, **kwargs)
+        # Losses computed outside the model (cross-entropy on bf16 logits) lose precision;
+        # hand fp32 back like a fp32 model would.
+        return _to_fp32(output)
+
+    def without_ddp(self) -> PreparedModel:
+        """This model with DDP taken out (the user's module, eagerly, under the same autocast):
+        what the doctor's probes re-run on the main rank alone, where DDP's collectives would
+        wait for ranks that never join. Itself when there is no DDP."""
+        if self.ddp is None:
+            return self
+        return PreparedModel(
+            self.unwrapped,
+            self.unwrapped,
+            autocast_dtype=self.autocast_dtype,
+            device_type=self.device_type,
+        )
+
+    # -- the user's module's state, under its own keys ------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.unwrapped.state_dict(*args, **kwargs)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        return self.unwrapped.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, children of the wrapper
+        except AttributeError:
+            unwrapped = self.__dict__.get("unwrapped")
+            if unwrapped is None:
+                raise
+            return getattr(unwrapped, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An attribute the user's module has (and the wrapper does not) is set there, so that
+        # `model.dropout_p = 0.0` on the prepared model reaches the module that reads it.
+        unwrapped = self.__dict__.get("unwrapped")
+        if (
+            unwrapped is not None
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and hasattr(unwrapped, name)
+        ):
+            setattr(unwrapped, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __getitem__(self, index: Any) -> Any:  # model[1] on a Sequential, ModuleList, ...
+        return self.unwrapped[index]  # type: ignore[index]
+
+    def __repr__(self) -> str:
+        return f"PreparedModel({self.unwrapped!r})"

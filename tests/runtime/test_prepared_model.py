@@ -1,0 +1,119 @@
+"""The prepared model: a wrapper around the user's module, never a patch of it."""
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from stoker import Stoker
+from stoker.records import RecordConfig
+
+
+class _HasModuleChild(nn.Module):
+    """A user model with a child that happens to be called ``module``."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.module(x))
+
+
+def test_a_child_named_module_keeps_the_models_own_weights_in_checkpoints(tmp_path):
+    stoker = Stoker(device="cpu", precision="fp32", record=RecordConfig(directory=tmp_path / "r"))
+    user = _HasModuleChild()
+    model, optimizer = stoker.prepare(user, torch.optim.SGD(user.parameters(), lr=0.1))
+    assert Stoker.unwrap(model) is user
+    assert Stoker.unwrap(user) is user
+    stoker.backward(model(torch.randn(2, 4)).sum())
+    optimizer.step()
+    path = stoker.save_checkpoint()
+    stoker.close()
+    saved = load_file(path / "model.safetensors")
+    assert set(saved) == set(user.state_dict()), sorted(saved)
+    torch.testing.assert_close(saved["head.weight"], user.head.weight.detach())
+
+
+class _Rnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+        self.config = {"hidden": 8}
+
+    def init_hidden(self, batch):
+        return (torch.zeros(1, batch, 8), torch.zeros(1, batch, 8))
+
+    def forward(self, x, hidden):
+        return self.rnn(x, hidden)
+
+
+def test_the_wrapper_forwards_attributes_modes_and_state_dict_to_the_users_module():
+    stoker = Stoker(device="cpu", precision="bf16", record=False, doctor=False)
+    user = _Rnn()
+    model = stoker.prepare(user)
+    assert model.config == {"hidden": 8} and model.rnn is user.rnn
+    model.config = {"hidden": 9}  # the user's module has it: set there
+    model.note = "mine"  # the user's module does not: the wrapper's own
+    assert user.config == {"hidden": 9} and not hasattr(user, "note") and model.note == "mine"
+    user.config = {"hidden": 8}
+    out, (h, c) = model(torch.randn(2, 3, 4), model.init_hidden(2))
+    assert out.dtype == h.dtype == c.dtype == torch.float32  # bf16 inside, fp32 out
+    model.eval()
+    assert not user.training and not user.rnn.training
+    model.train()
+    assert user.training
+    assert list(model.state_dict()) == list(user.state_dict())  # the user's keys, no prefix
+    fresh = _Rnn()
+    fresh.load_state_dict(model.state_dict())
+    model.load_state_dict(fresh.state_dict())
+    assert all(p is q for p, q in zip(model.parameters(), user.parameters(), strict=True))
+
+
+def test_unwrap_goes_by_type_through_compile():
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False)
+    user = _HasModuleChild()
+    compiled = torch.compile(stoker.prepare(user))  # not run: wrapping is enough
+    assert Stoker.unwrap(compiled) is user
+    assert Stoker.unwrap(torch.compile(user)) is user
+
+
+def test_compile_runs_the_users_module_under_autocast_and_trains(monkeypatch):
+    import functools
+
+    # The eager backend: dynamo traces the wrapper's forward, no C++ build (seconds, not minutes).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    stoker = Stoker(device="cpu", precision="bf16", compile=True, record=False, doctor=False)
+    user = _HasModuleChild()
+    model, optimizer = stoker.prepare(user, torch.optim.SGD(user.parameters(), lr=0.1))
+    before = user.head.weight.detach().clone()
+    for _ in range(2):
+        out = model(torch.randn(2, 4))
+        assert out.dtype == torch.float32
+        stoker.backward(out.square().mean())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert stoker.step == 2 and not torch.equal(before, user.head.weight)
+    assert Stoker.unwrap(model) is user and "forward" not in vars(user)
+
+
+def test_without_ddp_keeps_the_autocast_and_drops_the_collectives(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stoker.runtime.model import PreparedModel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        user = _HasModuleChild()
+        ddp = DistributedDataParallel(user)
+        model = PreparedModel(user, ddp, autocast_dtype=torch.bfloat16, device_type="cpu")
+        assert model.ddp is ddp and Stoker.unwrap(model) is user
+        local = model.without_ddp()
+        assert local.ddp is None and local.unwrapped is user
+        assert local.autocast_dtype == torch.bfloat16 and local.forward_module is user
+        assert local(torch.randn(2, 4)).dtype == torch.float32
+    finally:
+        dist.destroy_process_group()

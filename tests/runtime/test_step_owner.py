@@ -1,0 +1,165 @@
+"""The training step's one owner: what it counts, scales and finalizes, once per step."""
+
+import pytest
+import torch
+
+import stoker.runtime.stoker as stoker_module
+from stoker import Stoker
+from stoker.runtime.distributed import DistributedContext
+from stoker.runtime.step import StepListener, TrainingStep
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """fp16 is a CUDA recipe; its grad scaler logic is the same on CPU, so allow it here."""
+    monkeypatch.setattr(stoker_module, "resolve_precision", lambda name, device: "fp16")
+    updates = []
+    update = torch.amp.GradScaler.update
+
+    def counted(self, new_scale=None):
+        updates.append(self.get_scale())
+        return update(self, new_scale)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", counted)
+    return updates
+
+
+def _two_halves():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+
+
+def test_fp16_with_two_optimizers_steps_once_and_unscales_each_once(fp16_on_cpu):
+    stoker = Stoker(device="cpu", precision="fp16", record=False, doctor=False)
+    net = _two_halves()
+    reference = _two_halves()
+    opt_a = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(net[1].parameters(), lr=0.1)
+    model, opt_a, opt_b = stoker.prepare(net, opt_a, opt_b)
+    x = torch.randn(8, 4)
+    stoker.backward(model(x).square().mean())
+    opt_a.step()
+    opt_b.step()
+    assert stoker.step == 1, "two optimizers, one iteration: one step"
+    assert len(fp16_on_cpu) == 1, "GradScaler.update() runs once per iteration"
+    # What one fp32 SGD step on the true gradients gives (the same fp16 forward).
+    ref_a = torch.optim.SGD(reference[0].parameters(), lr=0.1)
+    ref_b = torch.optim.SGD(reference[1].parameters(), lr=0.1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = reference(x)
+    out.float().square().mean().backward()
+    ref_a.step()
+    ref_b.step()
+    for ours, expected in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-5)
+    opt_a.zero_grad()
+    opt_b.zero_grad()
+    stoker.backward(model(x).square().mean())
+    opt_a.step()
+    opt_b.step()
+    assert stoker.step == 2 and len(fp16_on_cpu) == 2
+    stoker.close()
+
+
+def test_fp16_one_of_two_optimizers_stepped_still_ends_the_step(fp16_on_cpu):
+    # A GAN-style loop steps one optimizer per iteration: the step ends at the next backward.
+    stoker = Stoker(device="cpu", precision="fp16", record=False, doctor=False)
+    net = _two_halves()
+    opt_a = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(net[1].parameters(), lr=0.1)
+    model, opt_a, opt_b = stoker.prepare(net, opt_a, opt_b)
+    for i in range(4):
+        stoker.backward(model(torch.randn(8, 4)).square().mean())
+        (opt_a if i % 2 == 0 else opt_b).step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    stoker.close()
+    assert stoker.step == 4 and len(fp16_on_cpu) == 4
+
+
+class _Recorder(StepListener):
+    def __init__(self, name, events, fail_on_close=False):
+        self.name, self.events, self.fail_on_close = name, events, fail_on_close
+
+    def on_micro_batch(self, step, live):
+        self.events.append((self.name, "micro-batch", step, live))
+
+    def on_step_end(self, step):
+        self.events.append((self.name, "step-end", step))
+
+    def close(self, failed):
+        self.events.append((self.name, "close", repr(failed) if failed else None))
+        if self.fail_on_close:
+            raise RuntimeError(f"{self.name} could not close")
+
+
+def test_listeners_see_each_step_once_and_the_next_micro_batch_once():
+    stoker = Stoker(device="cpu", precision="fp32", accumulation_steps=2, record=False)
+    model = torch.nn.Linear(4, 1)
+    model, optimizer = stoker.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    events = []
+    stoker._steps.add_listener(_Recorder("r", events))
+    for _ in range(4):  # two windows of two micro-batches
+        with stoker.accumulate(model):
+            stoker.backward(model(torch.randn(2, 4)).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert events == [
+        ("r", "micro-batch", 0, False),
+        ("r", "step-end", 1),
+        ("r", "micro-batch", 1, False),
+        ("r", "step-end", 2),
+    ]
+    stoker.close()
+    assert events[-1] == ("r", "close", None)
+
+
+def test_listeners_close_last_attached_first_and_hand_on_a_failure():
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    events = []
+    steps.add_listener(_Recorder("first", events))
+    steps.add_listener(_Recorder("second", events, fail_on_close=True))
+    with pytest.raises(RuntimeError, match="second could not close"):
+        steps.close(None)
+    assert events == [
+        ("second", "close", None),
+        ("first", "close", "RuntimeError('second could not close')"),
+    ]
+
+
+def test_a_listener_is_only_called_for_what_it_implements():
+    class OnlyClose(StepListener):
+        def close(self, failed):
+            pass
+
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    steps.add_listener(OnlyClose())
+    steps.add_listener(_Recorder("r", []))
+    assert len(steps._on_step_end) == len(steps._on_micro_batch) == 1
+
+
+def test_accumulate_skips_the_prepared_models_ddp_sync_until_the_windows_last(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stoker.runtime.model import PreparedModel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        user = torch.nn.Linear(4, 1)
+        ddp = DistributedDataParallel(user)
+        model = PreparedModel(user, ddp, autocast_dtype=None, device_type="cpu")
+        steps = TrainingStep(accumulation_steps=2, scaler=None, dist=DistributedContext())
+        steps.add_model(user, ddp)
+        window = steps.micro_batch
+        window.model = model
+        seen = []
+        for _ in range(4):
+            with window:
+                seen.append((steps.sync_gradients, ddp.require_backward_grad_sync))
+            assert ddp.require_backward_grad_sync  # restored on exit
+        assert seen == [(False, False), (True, True)] * 2
+    finally:
+        dist.destroy_process_group()
