@@ -1,5 +1,6 @@
 """Test-wide settings: run records go to a temporary directory, not into the repository, and
-the runtime's doctor is off unless a test turns it on (its probes would time every test)."""
+the runtime's doctor and end-of-run HTML report are off unless a test turns them on (its
+probes would time every test; hundreds of tiny runs need no report)."""
 
 import threading
 
@@ -12,6 +13,7 @@ def _runs_in_tmp(tmp_path_factory):
     mp.setenv("STOKER_RUNS_DIR", str(tmp_path_factory.mktemp("runs")))
     mp.delenv("STOKER_RUN_DIR", raising=False)
     mp.setenv("STOKER_DOCTOR", "0")
+    mp.setenv("STOKER_REPORT", "0")
     yield
     mp.undo()
 

@@ -13,6 +13,8 @@ Attached in this order, so closed in the reverse one when the run ends::
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["DoctorListener", "RanksListener", "RecordListener"]
 
 log = logging.getLogger(__name__)
+
+REPORT_ENV = "STOKER_REPORT"
 
 
 class DoctorListener(StepListener):
@@ -78,10 +82,23 @@ class RanksListener(StepListener):
 
 
 class RecordListener(StepListener):
-    """Closes the run record: ``finished``, or ``failed`` / ``killed`` with the error."""
+    """Closes the run record: ``finished``, or ``failed`` / ``killed`` with the error; then
+    writes the run's HTML report (``report.html`` in the run directory) and prints its path.
+    ``$STOKER_REPORT=0`` skips the report (the test suite does: hundreds of tiny runs)."""
 
     def __init__(self, services: RunServices) -> None:
         self.services = services
 
     def close(self, failed: BaseException | None) -> None:
         self.services.finish(failed)
+        run = self.services.run
+        if run is None or not run.enabled or os.environ.get(REPORT_ENV, "1") == "0":
+            return
+        from stoker.report import write_report
+
+        try:
+            path = write_report(run.dir)
+        except Exception as exc:  # the report must never turn a finished run into a failed one
+            print(f"stoker: warning: no HTML report for {run.dir}: {exc}", file=sys.stderr)
+            return
+        print(f"stoker: report: {path}", file=sys.stderr)
