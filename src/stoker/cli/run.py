@@ -23,6 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rdzv-id", default="stoker", help="job id shared by all nodes")
     parser.add_argument(
+        "--local-addr",
+        default=None,
+        metavar="ADDR",
+        help="this node's address as the other nodes reach it; gloo binds to its interface "
+        "(default: the address this machine uses to reach --rdzv)",
+    )
+    parser.add_argument(
+        "--rdzv-conf",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="torchrun's rendezvous settings, e.g. last_call_timeout=5 (with --nnodes MIN:MAX)",
+    )
+    parser.add_argument(
         "--max-restarts", type=int, default=0, help="restart failed workers up to K times"
     )
     parser.add_argument("script", help="the training script")
@@ -39,5 +52,7 @@ def main(args: argparse.Namespace) -> int:
         rdzv_endpoint=args.rdzv,
         rdzv_id=args.rdzv_id,
         max_restarts=args.max_restarts,
+        local_addr=args.local_addr,
+        rdzv_conf=args.rdzv_conf,
     )
     return launch(config)

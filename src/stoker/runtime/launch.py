@@ -5,20 +5,40 @@
 several machines and whose agent restarts failed workers (``--max-restarts``). Each worker runs
 the script through :mod:`stoker.runtime.entry`, which turns a :class:`~stoker.StokerError` into
 one line instead of a traceback.
+
+With several nodes, each node needs an address the others can reach, for two things: the
+address the rendezvous publishes for it (torchrun's ``--local-addr``; torch's default is the
+host name, which a stock Debian ``/etc/hosts`` maps to 127.0.1.1, unreachable from any other
+machine) and the interface gloo binds its sockets to (``GLOO_SOCKET_IFNAME``; gloo's default
+is the host name's address too, falling back to loopback). Unless told, ``stoker run`` takes
+the address this machine uses to reach the rendezvous endpoint (the source address the kernel
+picks for a route to it) and the interface that holds it, so every worker connection goes
+over the link to the other nodes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stoker.errors import StokerError
 
-__all__ = ["LaunchConfig", "WorkerFailed", "launch", "torchrun_argv"]
+__all__ = [
+    "LaunchConfig",
+    "WorkerFailed",
+    "for_this_node",
+    "interface_addresses",
+    "launch",
+    "torchrun_argv",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,6 +61,11 @@ class LaunchConfig:
     """Job id shared by all nodes of one job."""
     max_restarts: int = 0
     """How many times the agent restarts the worker group after a failure."""
+    local_addr: str | None = None
+    """This node's address as the other nodes reach it (multi-node); None: the address this
+    machine uses to reach ``rdzv_endpoint``."""
+    rdzv_conf: str | None = None
+    """torchrun's ``--rdzv-conf``, ``KEY=VALUE,...`` (e.g. ``last_call_timeout=5``)."""
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -62,6 +87,37 @@ class LaunchConfig:
                 f"--nnodes {self.nnodes} needs --rdzv HOST:PORT, the address every node can "
                 "reach (e.g. the first node's hostname and a free port such as 29500)"
             )
+        if self.rdzv_endpoint:
+            _split_endpoint(self.rdzv_endpoint)
+        if self.rdzv_conf:
+            bad = [kv for kv in self.rdzv_conf.split(",") if "=" not in kv or not kv.split("=")[0]]
+            if bad:
+                raise StokerError(
+                    f"--rdzv-conf {self.rdzv_conf!r}: {bad[0]!r} is not KEY=VALUE; give "
+                    "comma-separated pairs, e.g. last_call_timeout=5,join_timeout=120"
+                )
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StokerError(
+            f"--rdzv {endpoint!r} is not HOST:PORT; give the first node's address and a free "
+            "port, e.g. --rdzv 10.0.0.1:29500"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _node_argv(config: LaunchConfig) -> list[str]:
+    """The multi-node options spelt the same by ``stoker run`` and ``torchrun``."""
+    argv = []
+    if config.node_rank is not None:
+        argv += ["--node-rank", str(config.node_rank)]
+    if config.local_addr:
+        argv += ["--local-addr", config.local_addr]
+    if config.rdzv_conf:
+        argv += ["--rdzv-conf", config.rdzv_conf]
+    return argv
 
 
 def torchrun_argv(config: LaunchConfig) -> list[str]:
@@ -72,8 +128,7 @@ def torchrun_argv(config: LaunchConfig) -> list[str]:
     else:
         argv += ["--nnodes", config.nnodes, "--rdzv-backend", "c10d"]
         argv += ["--rdzv-endpoint", str(config.rdzv_endpoint), "--rdzv-id", config.rdzv_id]
-        if config.node_rank is not None:
-            argv += ["--node-rank", str(config.node_rank)]
+        argv += _node_argv(config)
     argv += ["--module", "stoker.runtime.entry", config.script, *config.script_args]
     return argv
 
@@ -83,6 +138,7 @@ def _stoker_run_argv(config: LaunchConfig) -> list[str]:
     if config.nnodes != "1" or config.rdzv_endpoint:
         argv += ["--nnodes", config.nnodes, "--rdzv", str(config.rdzv_endpoint)]
         argv += ["--rdzv-id", config.rdzv_id]
+        argv += _node_argv(config)
     return [*argv, config.script, *config.script_args]
 
 
@@ -90,6 +146,88 @@ def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def interface_addresses() -> dict[str, str]:
+    """``{interface name: its IPv4 address}`` for this machine's interfaces that have one
+    (Linux; the primary address of each, as ``SIOCGIFADDR`` reports it)."""
+    siocgifaddr = 0x8915  # <linux/sockios.h>
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), siocgifaddr, request)
+            except OSError:  # no IPv4 address on this interface
+                continue
+            found[name] = socket.inet_ntoa(reply[20:24])  # struct ifreq: sockaddr_in.sin_addr
+    return found
+
+
+def _route_source(endpoint: str) -> str | None:
+    """The address this machine sends from to reach ``endpoint`` (no packet is sent: a UDP
+    connect only asks the kernel for the route), or None if it has no route."""
+    host, port = _split_endpoint(endpoint)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, port))
+            return str(sock.getsockname()[0])
+    except OSError:
+        return None
+
+
+def _ipv4(host: str, option: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # a host name
+        try:
+            return socket.gethostbyname(host)
+        except OSError as exc:
+            raise StokerError(f"{option} {host!r} does not resolve: {exc}") from None
+
+
+def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
+    """A multi-node ``config`` completed for this machine, and the environment its workers need.
+
+    - ``local_addr``: given, or the address this machine uses to reach the rendezvous endpoint;
+    - ``GLOO_SOCKET_IFNAME``: the interface holding that address (an explicit one is kept);
+    - ``rdzv_conf`` gets ``is_host=true`` on the machine that holds the endpoint's address:
+      torch decides who serves the rendezvous store by comparing the endpoint with the
+      addresses of this machine's *host name* only, so an endpoint on another interface (or a
+      host name mapped to 127.0.1.1) leaves every node waiting as a client of a store nobody
+      serves.
+
+    A single-node config is returned as is, and so is one whose address would be a loopback
+    one (the endpoint names this machine by a loopback alias: torch's defaults stand).
+    """
+    if not config.rdzv_endpoint or config.nnodes == "1":
+        return config, {}
+    host, _ = _split_endpoint(config.rdzv_endpoint)
+    addr = config.local_addr or _route_source(config.rdzv_endpoint)
+    if addr is None:
+        raise StokerError(
+            f"this machine has no IPv4 route to the rendezvous endpoint {config.rdzv_endpoint}; "
+            "check the address, or pass --local-addr with this node's address"
+        )
+    ip = _ipv4(addr, "--local-addr")
+    if ipaddress.ip_address(ip).is_loopback and not config.local_addr:
+        return config, {}
+    interfaces = interface_addresses()
+    env = {}
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        names = [name for name, a in interfaces.items() if a == ip]
+        if not names:
+            known = ", ".join(f"{n} {a}" for n, a in interfaces.items()) or "none"
+            raise StokerError(
+                f"--local-addr {addr} is not an address of this machine (interfaces: {known}); "
+                "give this node's own address, or set GLOO_SOCKET_IFNAME"
+            )
+        env["GLOO_SOCKET_IFNAME"] = names[0]
+    rdzv_conf = config.rdzv_conf
+    settings = [kv.split("=")[0] for kv in (rdzv_conf or "").split(",")]
+    if "is_host" not in settings and _ipv4(host, "--rdzv") in interfaces.values():
+        rdzv_conf = f"{rdzv_conf},is_host=true" if rdzv_conf else "is_host=true"
+    return replace(config, local_addr=addr, rdzv_conf=rdzv_conf), env
 
 
 def launch(config: LaunchConfig) -> int:
@@ -100,15 +238,23 @@ def launch(config: LaunchConfig) -> int:
     from stoker.records import RUN_DIR_ENV, resolve_run_dir
     from stoker.records.run import LAUNCH_COMMAND_ENV
 
+    command = [sys.executable, "-m", "stoker", "run", *_stoker_run_argv(config)]
+    config, network_env = for_this_node(config)
+    if config.local_addr:
+        interface = network_env.get("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME"))
+        store = ", serves the rendezvous" if "is_host=true" in (config.rdzv_conf or "") else ""
+        print(
+            f"stoker run: this node is {config.local_addr}, gloo binds to {interface}{store}",
+            file=sys.stderr,
+        )
+    os.environ.update(network_env)  # the workers inherit this process's environment
     argv = torchrun_argv(config)
     args = get_args_parser().parse_args(argv)
     # One run directory for every worker and every restart of this job: a restarted worker
     # finds the last good checkpoint there and resumes (Stoker's resume="auto").
     if RUN_DIR_ENV not in os.environ:
         os.environ[RUN_DIR_ENV] = str(resolve_run_dir(Path(config.script).stem))
-    os.environ[LAUNCH_COMMAND_ENV] = json.dumps(
-        [sys.executable, "-m", "stoker", "run", *_stoker_run_argv(config)]
-    )
+    os.environ[LAUNCH_COMMAND_ENV] = json.dumps(command)
     if config.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 thread per worker (and warn); share this machine's cores instead.
         # The workers inherit this process's environment.
