@@ -97,21 +97,24 @@ def test_multi_node_binds_to_the_address_given(tmp_path, monkeypatch):
     script = tmp_path / "t.py"
     script.write_text("")
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     config = LaunchConfig(
         script=str(script), nnodes="2", rdzv_endpoint="127.0.0.1:29500", local_addr="127.0.0.1"
     )
     node, env = for_this_node(config)
     loopback = [name for name, addr in interface_addresses().items() if addr == "127.0.0.1"]
-    assert env == {"GLOO_SOCKET_IFNAME": loopback[0]}
+    assert env == {"GLOO_SOCKET_IFNAME": loopback[0], "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     # This machine holds the endpoint's address, so it serves the rendezvous store.
     assert node.rdzv_conf == "is_host=true"
     argv = torchrun_argv(node)
     assert argv[argv.index("--local-addr") + 1] == "127.0.0.1"
     assert argv[argv.index("--rdzv-conf") + 1] == "is_host=true"
-    # Without --local-addr, a loopback endpoint leaves torch's defaults alone.
-    assert for_this_node(replace(config, local_addr=None)) == (replace(config, local_addr=None), {})
+    # Without --local-addr, a loopback endpoint leaves torch's address defaults alone.
+    alone = replace(config, local_addr=None)
+    assert for_this_node(alone) == (alone, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     # An explicit choice is kept.
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
     kept = replace(config, rdzv_conf="is_host=false,last_call_timeout=2")
     assert for_this_node(kept) == (kept, {})
 

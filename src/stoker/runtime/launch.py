@@ -197,11 +197,21 @@ def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
       host name mapped to 127.0.1.1) leaves every node waiting as a client of a store nobody
       serves.
 
-    A single-node config is returned as is, and so is one whose address would be a loopback
-    one (the endpoint names this machine by a loopback alias: torch's defaults stand).
+    - ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: each round's workers get a store of their own
+      (served by rank 0 on a free port) instead of sharing the agent's. With the shared one, a
+      host that comes back after dying never joins: its fresh agent waits for the store address
+      that rank 0's agent publishes only in its first round (``DynamicRendezvousHandler``
+      caches it), while that agent waits for the new one; and the workers' per-attempt keys
+      follow each agent's own restart count, which a fresh agent resets (pytorch#135712).
+
+    A single-node config is returned as is; one whose address would be a loopback one (the
+    endpoint names this machine by a loopback alias) keeps torch's address defaults.
     """
     if not config.rdzv_endpoint or config.nnodes == "1":
         return config, {}
+    env = {}
+    if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     host, _ = _split_endpoint(config.rdzv_endpoint)
     addr = config.local_addr or _route_source(config.rdzv_endpoint)
     if addr is None:
@@ -211,9 +221,8 @@ def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
         )
     ip = _ipv4(addr, "--local-addr")
     if ipaddress.ip_address(ip).is_loopback and not config.local_addr:
-        return config, {}
+        return config, env
     interfaces = interface_addresses()
-    env = {}
     if "GLOO_SOCKET_IFNAME" not in os.environ:
         names = [name for name, a in interfaces.items() if a == ip]
         if not names:
