@@ -126,6 +126,9 @@ def test_multi_node_input_errors(tmp_path, monkeypatch):
 
     with pytest.raises(StokerError, match="is not HOST:PORT"):
         LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="node0")
+    for nnodes in ("0", "two", "3:2", "1:", ":2"):
+        with pytest.raises(StokerError, match="is neither a number of machines nor a MIN:MAX"):
+            LaunchConfig(script=str(script), nnodes=nnodes, rdzv_endpoint="a:1")
     with pytest.raises(StokerError, match="'join_timeout' is not KEY=VALUE"):
         LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="a:1", rdzv_conf="join_timeout")
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -81,6 +82,12 @@ class LaunchConfig:
             raise StokerError(
                 f"training script {self.script!r} {where} (cwd {Path.cwd()}); "
                 "give the path of a Python file, e.g. `stoker run examples/train_mlm.py`"
+            )
+        sizes = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)
+        if not sizes or not 1 <= int(sizes[1]) <= int(sizes[2] or sizes[1]):
+            raise StokerError(
+                f"--nnodes {self.nnodes!r} is neither a number of machines nor a MIN:MAX range "
+                "with 1 <= MIN <= MAX; e.g. --nnodes 2, or --nnodes 1:4 for an elastic job"
             )
         if self.nnodes != "1" and not self.rdzv_endpoint:
             raise StokerError(
@@ -257,6 +264,14 @@ def launch(config: LaunchConfig) -> int:
             file=sys.stderr,
         )
     os.environ.update(network_env)  # the workers inherit this process's environment
+    low, _, high = config.nnodes.partition(":")
+    if high and high != low:
+        print(
+            f"stoker run: --nnodes {config.nnodes} admits a node by restarting every worker; "
+            "a stoker run resumes only on as many processes as wrote its checkpoint, so a node "
+            "that joins after the first checkpoint stops the job with one line",
+            file=sys.stderr,
+        )
     argv = torchrun_argv(config)
     args = get_args_parser().parse_args(argv)
     # One run directory for every worker and every restart of this job: a restarted worker
