@@ -162,6 +162,38 @@ def test_a_host_killed_mid_run_rejoins_and_the_run_ends_bitwise(hosts, reference
 
 
 @pytest.mark.slow
+def test_the_rendezvous_host_killed_stops_the_other_then_both_resume(hosts, reference, tmp_path):
+    """Host a serves the c10d rendezvous store inside its `stoker run`: when it dies there is
+    no rendezvous left to rejoin. Host b's agent stops within seconds with one line saying so
+    (never a hang), and `stoker run` started again on both resumes the last checkpoint."""
+    a, b = hosts
+    out = tmp_path / "killed.pt"
+    run_dir = tmp_path / "run"
+    env = _env(run_dir, STEP_SECONDS="0.3")
+    elastic = ["--max-restarts", "1", "--rdzv-conf", "keep_alive_interval=1"]
+    logs = [tmp_path / n for n in ("a.log", "b.log", "a-again.log", "b-again.log")]
+    a.start(_node(out, *elastic), log=logs[0], env=env, cwd=tmp_path)
+    agent_b = b.start(_node(out, *elastic), log=logs[1], env=env, cwd=tmp_path)
+    step = _until_checkpoint(run_dir, logs)
+    killed = time.monotonic()
+    assert a.kill()
+    assert _wait([agent_b], logs, 60) == [2]  # stoker's exit code for an error line
+    print(f"host a killed after step {step}: b stopped {time.monotonic() - killed:.0f} s later")
+    assert "stoker: error: lost the rendezvous at 10.77.0.1:29400" in logs[1].read_text()
+    assert "\nTraceback" not in logs[1].read_text()  # (the worker's own has a [rank1]: prefix)
+
+    agents = [
+        h.start(_node(out, *elastic), log=log, env=env, cwd=tmp_path)
+        for h, log in ((a, logs[2]), (b, logs[3]))
+    ]
+    assert _wait(agents, logs, 100) == [0, 0], _tails(logs)
+    got = torch.load(out, weights_only=True)
+    assert got["resumed_from"] >= step >= 3
+    for name, weight in reference["weights"].items():
+        assert torch.equal(got["weights"][name], weight), name
+
+
+@pytest.mark.slow
 def test_elastic_nnodes_admits_a_second_host_at_a_restart(hosts, tmp_path):
     """`--nnodes 1:2`: host a starts alone (world size 1); host b joins; a's agent sees a node
     waiting, stops its worker and both re-rendezvous into world size 2. That restart resumes

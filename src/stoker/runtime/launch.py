@@ -249,6 +249,7 @@ def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
 def launch(config: LaunchConfig) -> int:
     """Run the job to completion; returns the exit code (0 when every worker succeeded)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     from stoker.records import RUN_DIR_ENV, resolve_run_dir
@@ -296,7 +297,34 @@ def launch(config: LaunchConfig) -> int:
             f"{first.exitcode} (its own message is above)",
             exitcode=first.exitcode if first.exitcode > 0 else 1,
         ) from None
+    except RendezvousError as exc:
+        raise StokerError(_rendezvous_failed(config, exc)) from None
     return 0
+
+
+def _rendezvous_failed(config: LaunchConfig, exc: Exception) -> str:
+    """One line for a rendezvous that failed, saying what to do."""
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
+
+    where = f"the rendezvous at {config.rdzv_endpoint}"
+    if isinstance(exc, RendezvousConnectionError):
+        return (
+            f"lost {where}: the node serving it (the one holding that address; it runs in that "
+            "node's `stoker run`) stopped or is unreachable, and torch's c10d rendezvous has no "
+            "other copy; start `stoker run` again on every node, the run resumes from its last "
+            "checkpoint"
+        )
+    if isinstance(exc, RendezvousTimeoutError):
+        return (
+            f"not enough nodes joined {where} in time (--nnodes {config.nnodes}; the wait is "
+            "--rdzv-conf join_timeout=SECONDS, default 600): start `stoker run` on every node "
+            "with the same --rdzv and --rdzv-id"
+        )
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{where} failed ({type(exc).__name__}: {detail})"
 
 
 class WorkerFailed(StokerError):
