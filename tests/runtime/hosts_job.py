@@ -1,7 +1,8 @@
 """Run by test_two_hosts.py on each host under `stoker run --nnodes ...` (and once on one host).
 
 Trains STEPS steps of a small shuffled AdamW regression with a checkpoint every 3, sleeping
-$STEP_SECONDS (default 0) after each step so that a test can kill a host mid-run. Every worker
+$STEP_SECONDS (default 0) after each step of a run not resumed, so that a test can kill a host
+mid-run (a resumed run goes at full speed). Every worker
 start appends "<host interface> restart=<n> world=<size> rank=<rank>" to OUT.log (the hosts
 share the filesystem); rank 0 writes the final weights, the step it resumed from and the global
 mean loss of each step it trained to OUT.
@@ -38,6 +39,8 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Li
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 model, optimizer, loader = stoker.prepare(model, optimizer, loader)
 losses = {}
+if stoker.resumed_from is not None:
+    pause = 0.0
 while stoker.step < STEPS:
     for x, y in loader:
         loss = torch.nn.functional.mse_loss(model(x), y)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hosts import SUBNET, Host, TwoHosts, unavailable
+from hosts import SUBNET, Host, TwoHosts, clean_leftovers, unavailable
+
+import stoker
 
 JOB = Path(__file__).with_name("hosts_job.py")
 RDZV = "10.77.0.1:29400"
@@ -96,6 +98,18 @@ def _inside(address: str) -> bool:
     return ip.is_loopback or ip in ipaddress.ip_network(SUBNET)
 
 
+def test_namespaces_left_by_a_crashed_run_are_deleted():
+    reason = unavailable()
+    if reason:
+        pytest.fail(reason, pytrace=False)
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has this pid
+    name = f"stoker-{dead}-0-a"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=20)
+    assert name in clean_leftovers()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)
+    assert name not in listed.stdout
+
+
 def test_two_hosts_train_like_two_processes_on_one(hosts, reference, tmp_path):
     a, b = hosts
     # By construction nothing leaves the pair: each host has its loopback and its veth end,
@@ -103,6 +117,9 @@ def test_two_hosts_train_like_two_processes_on_one(hosts, reference, tmp_path):
     for host in (a, b):
         assert host.links() == ["lo", host.ifname]
         assert [route.split()[0] for route in host.routes()] == [SUBNET]
+    # `ip netns exec` keeps the environment: the hosts run the stoker under test.
+    here = a.run(sys.executable, "-c", "import stoker; print(stoker.__file__)").strip()
+    assert here == stoker.__file__
     out = tmp_path / "two-hosts.pt"
     env = _env(tmp_path / "run")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
