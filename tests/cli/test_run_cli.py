@@ -129,6 +129,13 @@ def test_multi_node_input_errors(tmp_path, monkeypatch):
     for nnodes in ("0", "two", "3:2", "1:", ":2"):
         with pytest.raises(StokerError, match="is neither a number of machines nor a MIN:MAX"):
             LaunchConfig(script=str(script), nnodes=nnodes, rdzv_endpoint="a:1")
+    for nnodes, rank in (("2", 2), ("1:2", 0), ("2", -1)):
+        with pytest.raises(StokerError, match="needs a fixed --nnodes N with 0 <= rank < N"):
+            LaunchConfig(script=str(script), nnodes=nnodes, rdzv_endpoint="a:1", node_rank=rank)
+    static = LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="a:1", node_rank=1)
+    argv = torchrun_argv(static)
+    assert argv[argv.index("--rdzv-backend") + 1] == "static"
+    assert argv[argv.index("--node-rank") + 1] == "1"
     with pytest.raises(StokerError, match="'join_timeout' is not KEY=VALUE"):
         LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="a:1", rdzv_conf="join_timeout")
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)

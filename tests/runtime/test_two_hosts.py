@@ -110,7 +110,11 @@ def test_namespaces_left_by_a_crashed_run_are_deleted():
     assert name not in listed.stdout
 
 
-def test_two_hosts_train_like_two_processes_on_one(hosts, reference, tmp_path):
+@pytest.mark.parametrize(
+    "ranks", [None, pytest.param((0, 1), marks=pytest.mark.slow)], ids=["c10d", "static"]
+)
+def test_two_hosts_train_like_two_processes_on_one(hosts, reference, tmp_path, ranks):
+    """c10d: the dynamic rendezvous assigns ranks; static: `--node-rank 0` / `--node-rank 1`."""
     a, b = hosts
     # By construction nothing leaves the pair: each host has its loopback and its veth end,
     # and no route but the veth's subnet.
@@ -123,13 +127,15 @@ def test_two_hosts_train_like_two_processes_on_one(hosts, reference, tmp_path):
     out = tmp_path / "two-hosts.pt"
     env = _env(tmp_path / "run")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    options = [[], []] if ranks is None else [["--node-rank", str(r)] for r in ranks]
     procs = [
-        h.start(_node(out), log=log, env=env, cwd=tmp_path)
-        for h, log in zip(hosts, logs, strict=True)
+        h.start(_node(out, *opts), log=log, env=env, cwd=tmp_path)
+        for h, log, opts in zip(hosts, logs, options, strict=True)
     ]
     assert _wait(procs, logs, 100) == [0, 0], _tails(logs)
     a_log, b_log = (log.read_text() for log in logs)
-    assert f"this node is {a.addr}, gloo binds to {a.ifname}, serves the rendezvous" in a_log
+    serves = ", serves the rendezvous" if ranks is None else ""  # (static: node 0 does)
+    assert f"this node is {a.addr}, gloo binds to {a.ifname}{serves}\n" in a_log
     assert f"this node is {b.addr}, gloo binds to {b.ifname}\n" in b_log
     # The gradients' all-reduce crossed the link (a's rank sends b its half of every bucket).
     assert min(a.tx_bytes(), b.tx_bytes()) > 20_000

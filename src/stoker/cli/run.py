@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nnodes", default="1", help="machines in the job, or MIN:MAX (default 1)")
     parser.add_argument(
-        "--node-rank", type=int, default=None, help="this machine's rank (static rendezvous)"
+        "--node-rank",
+        type=int,
+        default=None,
+        help="this machine's rank 0..N-1: a static rendezvous served by node 0 at --rdzv "
+        "(default: c10d assigns ranks and lets a node rejoin)",
     )
     parser.add_argument(
         "--rdzv", default=None, metavar="HOST:PORT", help="rendezvous endpoint for multi-node jobs"

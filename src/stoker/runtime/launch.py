@@ -55,7 +55,9 @@ class LaunchConfig:
     nnodes: str = "1"
     """Number of machines, or a ``MIN:MAX`` range for elastic jobs."""
     node_rank: int | None = None
-    """This machine's rank for static rendezvous; None lets c10d assign it."""
+    """This machine's rank, 0 to nnodes - 1, for a static rendezvous (node 0 at ``rdzv_endpoint``
+    serves it; a fixed set of nodes, none may rejoin); None: c10d's dynamic rendezvous, which
+    assigns ranks (by address) and lets nodes leave and rejoin."""
     rdzv_endpoint: str | None = None
     """``host:port`` of the rendezvous (required with more than one node)."""
     rdzv_id: str = "stoker"
@@ -88,6 +90,13 @@ class LaunchConfig:
             raise StokerError(
                 f"--nnodes {self.nnodes!r} is neither a number of machines nor a MIN:MAX range "
                 "with 1 <= MIN <= MAX; e.g. --nnodes 2, or --nnodes 1:4 for an elastic job"
+            )
+        if self.node_rank is not None and not (
+            sizes[2] is None and 0 <= self.node_rank < int(sizes[1])
+        ):
+            raise StokerError(
+                f"--node-rank {self.node_rank} needs a fixed --nnodes N with 0 <= rank < N "
+                f"(got --nnodes {self.nnodes}); or leave --node-rank out for c10d to assign ranks"
             )
         if self.nnodes != "1" and not self.rdzv_endpoint:
             raise StokerError(
@@ -133,7 +142,8 @@ def torchrun_argv(config: LaunchConfig) -> list[str]:
     if config.nnodes == "1" and not config.rdzv_endpoint:
         argv.append("--standalone")
     else:
-        argv += ["--nnodes", config.nnodes, "--rdzv-backend", "c10d"]
+        backend = "c10d" if config.node_rank is None else "static"
+        argv += ["--nnodes", config.nnodes, "--rdzv-backend", backend]
         argv += ["--rdzv-endpoint", str(config.rdzv_endpoint), "--rdzv-id", config.rdzv_id]
         argv += _node_argv(config)
     argv += ["--module", "stoker.runtime.entry", config.script, *config.script_args]
@@ -241,7 +251,8 @@ def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
         env["GLOO_SOCKET_IFNAME"] = names[0]
     rdzv_conf = config.rdzv_conf
     settings = [kv.split("=")[0] for kv in (rdzv_conf or "").split(",")]
-    if "is_host" not in settings and _ipv4(host, "--rdzv") in interfaces.values():
+    dynamic = config.node_rank is None
+    if dynamic and "is_host" not in settings and _ipv4(host, "--rdzv") in interfaces.values():
         rdzv_conf = f"{rdzv_conf},is_host=true" if rdzv_conf else "is_host=true"
     return replace(config, local_addr=addr, rdzv_conf=rdzv_conf), env
 
