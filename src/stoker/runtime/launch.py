@@ -55,9 +55,9 @@ class LaunchConfig:
     nnodes: str = "1"
     """Number of machines, or a ``MIN:MAX`` range for elastic jobs."""
     node_rank: int | None = None
-    """This machine's rank, 0 to nnodes - 1, for a static rendezvous (node 0 at ``rdzv_endpoint``
-    serves it; a fixed set of nodes, none may rejoin); None: c10d's dynamic rendezvous, which
-    assigns ranks (by address) and lets nodes leave and rejoin."""
+    """This machine's rank, 0 to nnodes - 1, for a static rendezvous (fixed ranks; node 0 at
+    ``rdzv_endpoint`` serves it); None: c10d's dynamic rendezvous, which assigns ranks (in
+    order of address) and lets a node leave and rejoin."""
     rdzv_endpoint: str | None = None
     """``host:port`` of the rendezvous (required with more than one node)."""
     rdzv_id: str = "stoker"
