@@ -2,10 +2,11 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
-from stoker.runtime.launch import LaunchConfig, torchrun_argv
+from stoker.runtime.launch import LaunchConfig, for_this_node, interface_addresses, torchrun_argv
 
 
 def _stoker(*args, cwd=None):
@@ -90,3 +91,56 @@ def test_multi_node_needs_an_endpoint(tmp_path):
 
     with pytest.raises(StokerError, match="--rdzv HOST:PORT"):
         LaunchConfig(script=str(script), nnodes="2")
+
+
+def test_multi_node_binds_to_the_address_given(tmp_path, monkeypatch):
+    script = tmp_path / "t.py"
+    script.write_text("")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    config = LaunchConfig(
+        script=str(script), nnodes="2", rdzv_endpoint="127.0.0.1:29500", local_addr="127.0.0.1"
+    )
+    node, env = for_this_node(config)
+    loopback = [name for name, addr in interface_addresses().items() if addr == "127.0.0.1"]
+    assert env == {"GLOO_SOCKET_IFNAME": loopback[0], "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # This machine holds the endpoint's address, so it serves the rendezvous store.
+    assert node.rdzv_conf == "is_host=true"
+    argv = torchrun_argv(node)
+    assert argv[argv.index("--local-addr") + 1] == "127.0.0.1"
+    assert argv[argv.index("--rdzv-conf") + 1] == "is_host=true"
+    # Without --local-addr, a loopback endpoint leaves torch's address defaults alone.
+    alone = replace(config, local_addr=None)
+    assert for_this_node(alone) == (alone, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    # An explicit choice is kept.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    kept = replace(config, rdzv_conf="is_host=false,last_call_timeout=2")
+    assert for_this_node(kept) == (kept, {})
+
+
+def test_multi_node_input_errors(tmp_path, monkeypatch):
+    script = tmp_path / "t.py"
+    script.write_text("")
+    from stoker import StokerError
+
+    with pytest.raises(StokerError, match="is not HOST:PORT"):
+        LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="node0")
+    for nnodes in ("0", "two", "3:2", "1:", ":2"):
+        with pytest.raises(StokerError, match="is neither a number of machines nor a MIN:MAX"):
+            LaunchConfig(script=str(script), nnodes=nnodes, rdzv_endpoint="a:1")
+    for nnodes, rank in (("2", 2), ("1:2", 0), ("2", -1)):
+        with pytest.raises(StokerError, match="needs a fixed --nnodes N with 0 <= rank < N"):
+            LaunchConfig(script=str(script), nnodes=nnodes, rdzv_endpoint="a:1", node_rank=rank)
+    static = LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="a:1", node_rank=1)
+    argv = torchrun_argv(static)
+    assert argv[argv.index("--rdzv-backend") + 1] == "static"
+    assert argv[argv.index("--node-rank") + 1] == "1"
+    with pytest.raises(StokerError, match="'join_timeout' is not KEY=VALUE"):
+        LaunchConfig(script=str(script), nnodes="2", rdzv_endpoint="a:1", rdzv_conf="join_timeout")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    elsewhere = LaunchConfig(
+        script=str(script), nnodes="2", rdzv_endpoint="127.0.0.1:1", local_addr="198.51.100.77"
+    )
+    with pytest.raises(StokerError, match=r"198.51.100.77 is not an address of this machine .*lo"):
+        for_this_node(elsewhere)

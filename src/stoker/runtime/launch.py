@@ -5,20 +5,41 @@
 several machines and whose agent restarts failed workers (``--max-restarts``). Each worker runs
 the script through :mod:`stoker.runtime.entry`, which turns a :class:`~stoker.StokerError` into
 one line instead of a traceback.
+
+With several nodes, each node needs an address the others can reach, for two things: the
+address the rendezvous publishes for it (torchrun's ``--local-addr``; torch's default is the
+host name, which a stock Debian ``/etc/hosts`` maps to 127.0.1.1, unreachable from any other
+machine) and the interface gloo binds its sockets to (``GLOO_SOCKET_IFNAME``; gloo's default
+is the host name's address too, falling back to loopback). Unless told, ``stoker run`` takes
+the address this machine uses to reach the rendezvous endpoint (the source address the kernel
+picks for a route to it) and the interface that holds it, so every worker connection goes
+over the link to the other nodes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
+import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stoker.errors import StokerError
 
-__all__ = ["LaunchConfig", "WorkerFailed", "launch", "torchrun_argv"]
+__all__ = [
+    "LaunchConfig",
+    "WorkerFailed",
+    "for_this_node",
+    "interface_addresses",
+    "launch",
+    "torchrun_argv",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,13 +55,20 @@ class LaunchConfig:
     nnodes: str = "1"
     """Number of machines, or a ``MIN:MAX`` range for elastic jobs."""
     node_rank: int | None = None
-    """This machine's rank for static rendezvous; None lets c10d assign it."""
+    """This machine's rank, 0 to nnodes - 1, for a static rendezvous (fixed ranks; node 0 at
+    ``rdzv_endpoint`` serves it); None: c10d's dynamic rendezvous, which assigns ranks (in
+    order of address) and lets a node leave and rejoin."""
     rdzv_endpoint: str | None = None
     """``host:port`` of the rendezvous (required with more than one node)."""
     rdzv_id: str = "stoker"
     """Job id shared by all nodes of one job."""
     max_restarts: int = 0
     """How many times the agent restarts the worker group after a failure."""
+    local_addr: str | None = None
+    """This node's address as the other nodes reach it (multi-node); None: the address this
+    machine uses to reach ``rdzv_endpoint``."""
+    rdzv_conf: str | None = None
+    """torchrun's ``--rdzv-conf``, ``KEY=VALUE,...`` (e.g. ``last_call_timeout=5``)."""
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -57,11 +85,55 @@ class LaunchConfig:
                 f"training script {self.script!r} {where} (cwd {Path.cwd()}); "
                 "give the path of a Python file, e.g. `stoker run examples/train_mlm.py`"
             )
+        sizes = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)
+        if not sizes or not 1 <= int(sizes[1]) <= int(sizes[2] or sizes[1]):
+            raise StokerError(
+                f"--nnodes {self.nnodes!r} is neither a number of machines nor a MIN:MAX range "
+                "with 1 <= MIN <= MAX; e.g. --nnodes 2, or --nnodes 1:4 for an elastic job"
+            )
+        if self.node_rank is not None and not (
+            sizes[2] is None and 0 <= self.node_rank < int(sizes[1])
+        ):
+            raise StokerError(
+                f"--node-rank {self.node_rank} needs a fixed --nnodes N with 0 <= rank < N "
+                f"(got --nnodes {self.nnodes}); or leave --node-rank out for c10d to assign ranks"
+            )
         if self.nnodes != "1" and not self.rdzv_endpoint:
             raise StokerError(
                 f"--nnodes {self.nnodes} needs --rdzv HOST:PORT, the address every node can "
                 "reach (e.g. the first node's hostname and a free port such as 29500)"
             )
+        if self.rdzv_endpoint:
+            _split_endpoint(self.rdzv_endpoint)
+        if self.rdzv_conf:
+            bad = [kv for kv in self.rdzv_conf.split(",") if "=" not in kv or not kv.split("=")[0]]
+            if bad:
+                raise StokerError(
+                    f"--rdzv-conf {self.rdzv_conf!r}: {bad[0]!r} is not KEY=VALUE; give "
+                    "comma-separated pairs, e.g. last_call_timeout=5,join_timeout=120"
+                )
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StokerError(
+            f"--rdzv {endpoint!r} is not HOST:PORT; give the first node's address and a free "
+            "port, e.g. --rdzv 10.0.0.1:29500"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _node_argv(config: LaunchConfig) -> list[str]:
+    """The multi-node options spelt the same by ``stoker run`` and ``torchrun``."""
+    argv = []
+    if config.node_rank is not None:
+        argv += ["--node-rank", str(config.node_rank)]
+    if config.local_addr:
+        argv += ["--local-addr", config.local_addr]
+    if config.rdzv_conf:
+        argv += ["--rdzv-conf", config.rdzv_conf]
+    return argv
 
 
 def torchrun_argv(config: LaunchConfig) -> list[str]:
@@ -70,10 +142,10 @@ def torchrun_argv(config: LaunchConfig) -> list[str]:
     if config.nnodes == "1" and not config.rdzv_endpoint:
         argv.append("--standalone")
     else:
-        argv += ["--nnodes", config.nnodes, "--rdzv-backend", "c10d"]
+        backend = "c10d" if config.node_rank is None else "static"
+        argv += ["--nnodes", config.nnodes, "--rdzv-backend", backend]
         argv += ["--rdzv-endpoint", str(config.rdzv_endpoint), "--rdzv-id", config.rdzv_id]
-        if config.node_rank is not None:
-            argv += ["--node-rank", str(config.node_rank)]
+        argv += _node_argv(config)
     argv += ["--module", "stoker.runtime.entry", config.script, *config.script_args]
     return argv
 
@@ -83,6 +155,7 @@ def _stoker_run_argv(config: LaunchConfig) -> list[str]:
     if config.nnodes != "1" or config.rdzv_endpoint:
         argv += ["--nnodes", config.nnodes, "--rdzv", str(config.rdzv_endpoint)]
         argv += ["--rdzv-id", config.rdzv_id]
+        argv += _node_argv(config)
     return [*argv, config.script, *config.script_args]
 
 
@@ -92,23 +165,132 @@ def _available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def interface_addresses() -> dict[str, str]:
+    """``{interface name: its IPv4 address}`` for this machine's interfaces that have one
+    (Linux; the primary address of each, as ``SIOCGIFADDR`` reports it)."""
+    siocgifaddr = 0x8915  # <linux/sockios.h>
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), siocgifaddr, request)
+            except OSError:  # no IPv4 address on this interface
+                continue
+            found[name] = socket.inet_ntoa(reply[20:24])  # struct ifreq: sockaddr_in.sin_addr
+    return found
+
+
+def _route_source(endpoint: str) -> str | None:
+    """The address this machine sends from to reach ``endpoint`` (no packet is sent: a UDP
+    connect only asks the kernel for the route), or None if it has no route."""
+    host, port = _split_endpoint(endpoint)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, port))
+            return str(sock.getsockname()[0])
+    except OSError:
+        return None
+
+
+def _ipv4(host: str, option: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # a host name
+        try:
+            return socket.gethostbyname(host)
+        except OSError as exc:
+            raise StokerError(f"{option} {host!r} does not resolve: {exc}") from None
+
+
+def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
+    """A multi-node ``config`` completed for this machine, and the environment its workers need.
+
+    - ``local_addr``: given, or the address this machine uses to reach the rendezvous endpoint;
+    - ``GLOO_SOCKET_IFNAME``: the interface holding that address (an explicit one is kept);
+    - ``rdzv_conf`` gets ``is_host=true`` on the machine that holds the endpoint's address:
+      torch decides who serves the rendezvous store by comparing the endpoint with the
+      addresses of this machine's *host name* only, so an endpoint on another interface (or a
+      host name mapped to 127.0.1.1) leaves every node waiting as a client of a store nobody
+      serves.
+
+    - ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: each round's workers get a store of their own
+      (served by rank 0 on a free port) instead of sharing the agent's. With the shared one, a
+      host that comes back after dying never joins: its fresh agent waits for the store address
+      that rank 0's agent publishes only in its first round (``DynamicRendezvousHandler``
+      caches it), while that agent waits for the new one; and the workers' per-attempt keys
+      follow each agent's own restart count, which a fresh agent resets (pytorch#135712).
+
+    A single-node config is returned as is; one whose address would be a loopback one (the
+    endpoint names this machine by a loopback alias) keeps torch's address defaults.
+    """
+    if not config.rdzv_endpoint or config.nnodes == "1":
+        return config, {}
+    env = {}
+    if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    host, _ = _split_endpoint(config.rdzv_endpoint)
+    addr = config.local_addr or _route_source(config.rdzv_endpoint)
+    if addr is None:
+        raise StokerError(
+            f"this machine has no IPv4 route to the rendezvous endpoint {config.rdzv_endpoint}; "
+            "check the address, or pass --local-addr with this node's address"
+        )
+    ip = _ipv4(addr, "--local-addr")
+    if ipaddress.ip_address(ip).is_loopback and not config.local_addr:
+        return config, env
+    interfaces = interface_addresses()
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        names = [name for name, a in interfaces.items() if a == ip]
+        if not names:
+            known = ", ".join(f"{n} {a}" for n, a in interfaces.items()) or "none"
+            raise StokerError(
+                f"--local-addr {addr} is not an address of this machine (interfaces: {known}); "
+                "give this node's own address, or set GLOO_SOCKET_IFNAME"
+            )
+        env["GLOO_SOCKET_IFNAME"] = names[0]
+    rdzv_conf = config.rdzv_conf
+    settings = [kv.split("=")[0] for kv in (rdzv_conf or "").split(",")]
+    dynamic = config.node_rank is None
+    if dynamic and "is_host" not in settings and _ipv4(host, "--rdzv") in interfaces.values():
+        rdzv_conf = f"{rdzv_conf},is_host=true" if rdzv_conf else "is_host=true"
+    return replace(config, local_addr=addr, rdzv_conf=rdzv_conf), env
+
+
 def launch(config: LaunchConfig) -> int:
     """Run the job to completion; returns the exit code (0 when every worker succeeded)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     from stoker.records import RUN_DIR_ENV, resolve_run_dir
     from stoker.records.run import LAUNCH_COMMAND_ENV
 
+    command = [sys.executable, "-m", "stoker", "run", *_stoker_run_argv(config)]
+    config, network_env = for_this_node(config)
+    if config.local_addr:
+        interface = network_env.get("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME"))
+        store = ", serves the rendezvous" if "is_host=true" in (config.rdzv_conf or "") else ""
+        print(
+            f"stoker run: this node is {config.local_addr}, gloo binds to {interface}{store}",
+            file=sys.stderr,
+        )
+    os.environ.update(network_env)  # the workers inherit this process's environment
+    low, _, high = config.nnodes.partition(":")
+    if high and high != low:
+        print(
+            f"stoker run: --nnodes {config.nnodes} admits a node by restarting every worker; "
+            "a stoker run resumes only on as many processes as wrote its checkpoint, so a node "
+            "that joins after the first checkpoint stops the job with one line",
+            file=sys.stderr,
+        )
     argv = torchrun_argv(config)
     args = get_args_parser().parse_args(argv)
     # One run directory for every worker and every restart of this job: a restarted worker
     # finds the last good checkpoint there and resumes (Stoker's resume="auto").
     if RUN_DIR_ENV not in os.environ:
         os.environ[RUN_DIR_ENV] = str(resolve_run_dir(Path(config.script).stem))
-    os.environ[LAUNCH_COMMAND_ENV] = json.dumps(
-        [sys.executable, "-m", "stoker", "run", *_stoker_run_argv(config)]
-    )
+    os.environ[LAUNCH_COMMAND_ENV] = json.dumps(command)
     if config.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 thread per worker (and warn); share this machine's cores instead.
         # The workers inherit this process's environment.
@@ -126,7 +308,34 @@ def launch(config: LaunchConfig) -> int:
             f"{first.exitcode} (its own message is above)",
             exitcode=first.exitcode if first.exitcode > 0 else 1,
         ) from None
+    except RendezvousError as exc:
+        raise StokerError(_rendezvous_failed(config, exc)) from None
     return 0
+
+
+def _rendezvous_failed(config: LaunchConfig, exc: Exception) -> str:
+    """One line for a rendezvous that failed, saying what to do."""
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
+
+    where = f"the rendezvous at {config.rdzv_endpoint}"
+    if isinstance(exc, RendezvousConnectionError):
+        return (
+            f"lost {where}: the node serving it (the one holding that address; it runs in that "
+            "node's `stoker run`) stopped or is unreachable, and torch's c10d rendezvous has no "
+            "other copy; start `stoker run` again on every node, the run resumes from its last "
+            "checkpoint"
+        )
+    if isinstance(exc, RendezvousTimeoutError):
+        return (
+            f"not enough nodes joined {where} in time (--nnodes {config.nnodes}; the wait is "
+            "--rdzv-conf join_timeout=SECONDS, default 600): start `stoker run` on every node "
+            "with the same --rdzv and --rdzv-id"
+        )
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{where} failed ({type(exc).__name__}: {detail})"
 
 
 class WorkerFailed(StokerError):
