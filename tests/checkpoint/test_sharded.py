@@ -61,6 +61,9 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     return out
 
 
+# The tests on `runs` launch 2-process jobs (~30 s in all): slow-marked until the sharded path
+# is behind Stoker, to keep the default suite well under 10 minutes.
+@pytest.mark.slow
 @pytest.mark.parametrize("resumed", ["2->2", "2->1", "1->2"])
 def test_resume_continues_the_same_trajectory(runs, resumed):
     uninterrupted = runs["fsdp" if resumed.startswith("2") else "single"]
@@ -73,6 +76,7 @@ def test_resume_continues_the_same_trajectory(runs, resumed):
     )
 
 
+@pytest.mark.slow
 def test_only_safetensors_and_json_on_disk(runs):
     for saved_by, shards in (("2", 2), ("1", 1)):
         root = runs["dirs"][saved_by]
@@ -82,6 +86,7 @@ def test_only_safetensors_and_json_on_disk(runs):
         assert files == sorted(expected)  # no DCP .metadata (a pickle), no index file
 
 
+@pytest.mark.slow
 def test_export_equals_the_unsharded_weights(runs, tmp_path):
     for saved_by in ("2", "1"):
         out = export_consolidated(runs["dirs"][saved_by], tmp_path / f"{saved_by}.safetensors")
