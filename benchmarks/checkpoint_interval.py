@@ -1,9 +1,11 @@
 """Goodput under failures: the Young–Daly interval of ``CheckpointConfig(every="auto")``
 against fixed checkpoint intervals, replayed with this machine's measured costs.
 
-Measured first (``stoker.bench``, interleaved, medians): one training step of the README's
-main job (the default MLM encoder, AdamW, batch 32 x 128 tokens) and the time a checkpoint of
-its model + optimizer blocks the loop, synchronous and with ``async_save``. Then a simulation
+Measured first (``stoker.bench``, interleaved, medians): one fp32 training step of the README
+main job's model (the default ``tiny`` MLM encoder, fused AdamW, batch 32 x 128 tokens, every
+position projected: slower than the main job's own step, which projects only masked positions)
+and the time a checkpoint of its model + optimizer blocks the loop, synchronous and with
+``async_save``. Then a simulation
 replays random failures (exponential, mean ``MTBF``; the same failure times for every policy)
 over a job of ``--job-hours`` of compute: each policy computes its interval, saves, loses the
 work since its last save at each failure and pays a restart (``--restart-seconds``). Goodput
