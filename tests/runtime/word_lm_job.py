@@ -4,8 +4,9 @@ The shape of pytorch/examples ``word_language_model/main.py`` (embedding, a sequ
 ``nn.LSTM``, linear decoder; the data one ``[seq, batch]`` tensor sliced by hand, ``bptt``
 rows at a time; the hidden state carried across batches and detached; weights updated by hand
 with a learning rate divided by 4 when the validation loss does not improve), on a synthetic
-corpus, ported to stoker: the epoch, the position in the epoch, the learning rate, the best
-validation loss and the hidden state are user state, checkpointed every ``--every`` steps.
+corpus, ported to stoker as the README shows: the epoch, the learning rate and the best
+validation loss stay module variables (``Variables``), the position in the epoch and the hidden
+state are a dict; all checkpointed every ``--every`` steps.
 
     python tests/runtime/word_lm_job.py --epochs 3 --every 4
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stoker import Stoker
+from stoker import Stoker, Variables
 from stoker.checkpoint import CheckpointConfig
 
 parser = argparse.ArgumentParser()
@@ -70,8 +71,11 @@ corpus = torch.randint(0, 30, (700,), generator=g)
 train_data, val_data = batchify(corpus[:560], 4), batchify(corpus[560:], 4)
 model = RNNModel(30, 16, 24, 2, dropout=0.3)
 criterion = nn.NLLLoss()
-progress = {"epoch": 1, "i": 0, "lr": 5.0, "best_val_loss": None, "hidden": None}
-model = stoker.prepare(model, state={"progress": progress})
+# The README's port: the script's own variables checkpointed by name, the position in the
+# epoch and the carried hidden state in a dict.
+lr, best_val_loss, epoch, progress = 5.0, None, 1, {"i": 0, "hidden": None}
+loop = Variables(globals(), "lr", "best_val_loss", "epoch", "progress")
+model = stoker.prepare(model, state={"loop": loop})
 
 
 def evaluate(source):
@@ -98,18 +102,18 @@ def train():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         progress.update(i=i + args.bptt, hidden=hidden)  # as of this step
         for p in model.parameters():
-            p.data.add_(p.grad, alpha=-progress["lr"])
+            p.data.add_(p.grad, alpha=-lr)
         stoker.step_done()
         stoker.log({"loss": loss})
     progress["i"] = 0
 
 
-while progress["epoch"] <= args.epochs:
+# `epoch` is the tracked module variable: resume restores the epoch in progress
+for epoch in range(epoch, args.epochs + 1):  # noqa: B007, B020
     train()
     val_loss = evaluate(val_data)
-    if not progress["best_val_loss"] or val_loss < progress["best_val_loss"]:
-        progress["best_val_loss"] = val_loss
+    if not best_val_loss or val_loss < best_val_loss:
+        best_val_loss = val_loss
     else:
-        progress["lr"] /= 4.0
-    progress["epoch"] += 1
-stoker.print(f"lr {progress['lr']} best {progress['best_val_loss']:.4f} steps {stoker.step}")
+        lr /= 4.0
+stoker.print(f"lr {lr} best {best_val_loss:.4f} steps {stoker.step}")
