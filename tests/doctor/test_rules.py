@@ -12,7 +12,7 @@ from stoker.doctor import Measurements, Report, diagnose
 from stoker.doctor.attribution import Attribution, SyncStats
 from stoker.doctor.capture import ProfileSummary
 from stoker.doctor.frames import Site
-from stoker.doctor.session import LoaderInfo
+from stoker.doctor.measurements import LoaderInfo
 
 SITE = Site("/work/train.py", 42, "main")
 

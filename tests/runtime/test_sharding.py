@@ -69,6 +69,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.slow  # the `runs` fixture launches 2-process jobs (~40 s)
 @pytest.mark.parametrize("mode", ["", *MODES], ids=["plain", *(m[1:] for m in MODES)])
 def test_fsdp_trajectory_equals_one_process_and_ddp(runs, mode):
     single, fsdp, ddp = runs[f"single{mode}"], runs[f"fsdp{mode}"], runs[f"ddp{mode}"]
@@ -82,6 +83,7 @@ def test_fsdp_trajectory_equals_one_process_and_ddp(runs, mode):
         close(fsdp["weights"][name], w, tol=2e-3)
 
 
+@pytest.mark.slow  # the `runs` fixture launches 2-process jobs (~40 s)
 def test_clipping_uses_the_global_norm(runs):
     # clip_grad_norm_ over the DTensor shards returns (and clips to) the unsharded norm.
     single, fsdp = runs["single"], runs["fsdp"]
@@ -90,6 +92,7 @@ def test_clipping_uses_the_global_norm(runs):
     close(runs["fsdp-acc-tokens"]["norms"], runs["single-acc-tokens"]["norms"])
 
 
+@pytest.mark.slow  # the `runs` fixture launches 2-process jobs (~40 s)
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp", "fsdp-dropout"])
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(runs, strategy):
     plain, checkpointed = runs[strategy], runs[f"{strategy}-ac"]
@@ -100,6 +103,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(runs, stra
         assert torch.equal(checkpointed["grads0"][name], g), name
 
 
+@pytest.mark.slow  # the `runs` fixture launches 2-process jobs (~40 s)
 def test_bf16_mixed_precision_trains_with_fp32_master_weights(runs):
     bf16, fp32 = runs["fsdp-bf16"], runs["fsdp"]
     assert all(w.dtype == torch.float32 for w in bf16["weights"].values())

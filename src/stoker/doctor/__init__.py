@@ -7,10 +7,12 @@ Two ways in:
   when the caller counts steps itself (``attach(auto_step=False)``), then ``doctor.report()``.
 """
 
+from stoker.doctor.config import DoctorConfig
+from stoker.doctor.measurements import Measurements
 from stoker.doctor.report import Report
 from stoker.doctor.rules import RULES, Finding, diagnose
 from stoker.doctor.script import diagnose_script
-from stoker.doctor.session import Doctor, DoctorConfig, Measurements, active_doctor
+from stoker.doctor.session import Doctor, active_doctor
 
 __all__ = [
     "RULES",

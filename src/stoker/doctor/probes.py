@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from stoker.doctor.session import ForwardInfo, Measurements
+from stoker.doctor.measurements import ForwardInfo, Measurements
 from stoker.runtime.hardware import bf16_is_fast
 
 __all__ = ["Probe", "run_probes", "time_interleaved"]

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from stoker.doctor.measurements import Measurements
 from stoker.doctor.probes import Probe
 from stoker.doctor.rules import Finding
-from stoker.doctor.session import Measurements
 from stoker.runtime.hardware import matmul_speed
 
 __all__ = ["Report"]

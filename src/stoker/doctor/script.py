@@ -18,8 +18,9 @@ from dataclasses import replace
 
 import torch
 
+from stoker.doctor.config import DoctorConfig
 from stoker.doctor.report import Report
-from stoker.doctor.session import Doctor, DoctorConfig, WindowComplete
+from stoker.doctor.session import Doctor, WindowComplete
 from stoker.errors import StokerError
 
 __all__ = ["ScriptFailed", "diagnose_script"]

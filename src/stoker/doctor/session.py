@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,19 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 from stoker.doctor import hooks
 from stoker.doctor.attribution import Attribution, AttributionMode, CudaSyncWatch
 from stoker.doctor.capture import ProfileSummary, summarize_events
+from stoker.doctor.config import DoctorConfig
 from stoker.doctor.frames import Site, caller_site
+from stoker.doctor.measurements import ForwardInfo, LoaderInfo, Measurements, OptimizerInfo
 from stoker.errors import StokerError
 
-__all__ = [
-    "Doctor",
-    "DoctorConfig",
-    "ForwardInfo",
-    "LoaderInfo",
-    "Measurements",
-    "OptimizerInfo",
-    "WindowComplete",
-    "active_doctor",
-]
+__all__ = ["Doctor", "WindowComplete", "active_doctor"]
 
 log = logging.getLogger(__name__)
 
@@ -59,115 +51,6 @@ class WindowComplete(BaseException):
 
     A BaseException so that a user's ``except Exception`` does not swallow it.
     """
-
-
-@dataclass(kw_only=True, slots=True)
-class DoctorConfig:
-    """How the doctor samples a run."""
-
-    warmup_steps: int = 5
-    """Optimizer steps run untouched first (allocator, autotuning, torch.compile warm up)."""
-    window_steps: int = 5
-    """Steps profiled with ``torch.profiler`` (timings, op mix)."""
-    attribution_steps: int = 2
-    """Steps after the window run under a call-site recorder (which line issued what)."""
-    stop_after_window: bool = False
-    """End the run (cleanly, by unwinding it) once the doctor has seen enough."""
-    probes: bool = True
-    """At report time, time the captured model under the suggested fixes (bf16, batch, threads)."""
-    with_stack: bool = False
-    """Record Python stacks in the profiler trace (only useful with ``trace_path``; the doctor
-    gets lines from its attribution steps, the profiler's stacks name only the ``def`` line)."""
-    trace_path: str | None = None
-    """Write the window's Chrome/Perfetto trace here."""
-
-    def __post_init__(self) -> None:
-        for name in ("warmup_steps", "attribution_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise StokerError(f"DoctorConfig.{name}={value!r}: use an integer >= 0")
-        if not isinstance(self.window_steps, int) or self.window_steps < 1:
-            raise StokerError(
-                f"DoctorConfig.window_steps={self.window_steps!r}: use an integer >= 1"
-            )
-
-    @property
-    def total_steps(self) -> int:
-        """Optimizer steps the doctor needs before it can report."""
-        return self.warmup_steps + self.window_steps + self.attribution_steps
-
-
-@dataclass(slots=True)
-class LoaderInfo:
-    """A DataLoader seen in the window."""
-
-    site: Site | None
-    num_workers: int
-    pin_memory: bool
-    batch_size: int | None
-    iterated_at: Site | None
-    wait_s: float = 0.0
-
-
-@dataclass(slots=True)
-class OptimizerInfo:
-    """An optimizer stepped in the window."""
-
-    site: Site | None
-    step_site: Site | None
-    name: str
-    fused: bool | None
-    foreach: bool | None
-    n_tensors: int
-    optimizer: Any = field(repr=False)
-    step_s: float = 0.0
-
-
-@dataclass(slots=True)
-class ForwardInfo:
-    """A top-level module call seen in the window."""
-
-    site: Site | None
-    module: Any = field(repr=False)
-    """The module called, inside any ``DistributedDataParallel`` wrapper: probes run on it."""
-    args: tuple[Any, ...] = field(repr=False)
-    kwargs: dict[str, Any] = field(repr=False)
-    training: bool
-    grad_enabled: bool
-    calls: int = 0
-    seconds: float = 0.0
-
-
-@dataclass(slots=True)
-class Measurements:
-    """Everything the rules read. Times are per optimizer step, in milliseconds."""
-
-    device: str
-    steps: int
-    step_ms: float  # profiled window, mean
-    baseline_step_ms: float | None  # unprofiled warm-up steps, median
-    # Per profiled step (ms): medians shrug off one step the OS preempted, unlike means.
-    step_ms_each: list[float]
-    data_ms_each: list[float]
-    phases_ms: dict[str, float]
-    profile: ProfileSummary
-    attribution: Attribution
-    loop_site: Site | None  # the user's optimizer.step() line
-    loaders: list[LoaderInfo]
-    optimizers: list[OptimizerInfo]
-    forwards: list[ForwardInfo]
-    zero_grads: list[tuple[Site | None, bool, float]]  # (site, set_to_none, seconds/step)
-    compile_sites: list[Site | None]
-    compile: dict[str, Any]
-    threads: dict[str, Any]
-    micro_batches: float = 1.0  # backward passes per step: > 1 under gradient accumulation
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def train_forward(self) -> ForwardInfo | None:
-        """The costliest top-level forward run in training mode with grad: the model."""
-        train = [f for f in self.forwards if f.training and f.grad_enabled]
-        return max(train, key=lambda f: f.seconds) if train else None
 
 
 def _dynamo_snapshot() -> dict[str, Any]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stoker.doctor.frames import Site
+from stoker.doctor.measurements import Measurements
 from stoker.doctor.probes import Probe
-from stoker.doctor.session import Measurements
 
 __all__ = ["RULES", "SEVERITIES", "Finding", "diagnose"]
 

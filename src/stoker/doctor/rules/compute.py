@@ -3,8 +3,8 @@ many small ops, small batches, CPU threads, torch.compile recompilations."""
 
 from __future__ import annotations
 
+from stoker.doctor.measurements import Measurements
 from stoker.doctor.rules._base import Finding, Probes, location, rounded_ms, rule, severity_of
-from stoker.doctor.session import Measurements
 from stoker.runtime.hardware import matmul_speed
 
 __all__: list[str] = []  # rules register themselves in RULES

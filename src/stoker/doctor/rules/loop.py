@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stoker.doctor.measurements import Measurements
 from stoker.doctor.rules._base import Finding, Probes, location, rounded_ms, rule, severity_of
-from stoker.doctor.session import Measurements
 
 __all__: list[str] = []  # rules register themselves in RULES
 
