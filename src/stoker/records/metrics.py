@@ -14,7 +14,10 @@ the rest and fsyncs. A process killed mid-write leaves at most one partial last 
 readers skip.
 
 What a SIGKILL loses: the lines still queued, at most the last ``flush_seconds`` (default
-0.1 s; each flush is one ``write()`` into the OS, which outlives the process, without fsync).
+0.1 s; each flush is one ``write()`` into the OS, which outlives the process, without fsync) —
+provided the writer thread gets the GIL: a training step spends its time in torch kernels, which
+release it, but a loop that runs pure Python for seconds can delay the writer (a 1 ms
+pure-Python spin per step once held it off for 1.5 s).
 Measured with ~1.6 ms steps: 0.05 s (28 steps) lost at 0.1 s, 1.0 s (619 steps) at the old
 default of 1 s; the flush interval costs the training thread nothing measurable (the same
 lines are formatted either way, on this thread). A run with checkpoints loses nothing for
