@@ -3,6 +3,7 @@
     python examples/train_mlm.py                       # the README's main job, CPU, minutes
     python examples/train_mlm.py --steps 20            # a smoke run
     stoker run --nproc 2 examples/train_mlm.py         # the same loop on two processes
+    stoker run --nproc 2 examples/train_mlm.py --strategy fsdp   # ... with the model sharded
 
 A plain PyTorch loop: stoker appears in five places (Stoker, prepare, accumulate, backward,
 clip_grad_norm_). The corpus is one document per top-level definition of the stdlib; the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 
 import torch
 from rich.console import Console
@@ -55,6 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "ddp", "fsdp"],
+        help="several processes: replicate the model (ddp) or shard it (fsdp)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each encoder block's activations in the backward (less memory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=100, help="validation batches (0: all)")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress updates")
@@ -81,6 +94,9 @@ def evaluate(model, loader, stoker: Stoker, max_batches: int) -> tuple[float, fl
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    # FSDP warns that the encoder's logits are a view (an in-place op on them would skip its
+    # backward hook); this loop never modifies them in place.
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module", UserWarning)
     stoker = Stoker(
         device=args.device,
         precision=args.precision,
@@ -89,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         seed=args.seed,
         config=args,
         checkpoint=CheckpointConfig(every_steps=args.checkpoint_every or None),
+        strategy=args.strategy,
+        activation_checkpointing=args.activation_checkpointing,
     )
     console = Console(stderr=True, quiet=not stoker.is_main)
 

@@ -6,8 +6,9 @@ no device is initialised, no environment variable or logging handler is touched.
 
 from stoker.errors import StokerError
 from stoker.runtime import Stoker
+from stoker.runtime.strategy import FSDPConfig
 from stoker.runtime.tracked import Variables
 
 __version__ = "0.1.0"
 
-__all__ = ["Stoker", "StokerError", "Variables", "__version__"]
+__all__ = ["FSDPConfig", "Stoker", "StokerError", "Variables", "__version__"]

@@ -1,5 +1,6 @@
-"""Sharded checkpoints: resume at the same and at another world size continues the same
-trajectory, the export equals the unsharded weights, and loading never unpickles.
+"""Sharded checkpoints through ``Stoker(strategy="fsdp")``: resume at the same and at another
+world size continues the same trajectory, SIGKILL and resume ends bitwise equal, the export
+equals the unsharded weights, and loading never unpickles.
 
 The multi-process runs are tests/runtime/fsdp_job.py (2 processes under torchrun, gloo; 1
 process without torch.distributed); every resumed run loads with pickle and torch.load patched
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,77 +26,101 @@ from torch import nn
 from stoker.checkpoint import CheckpointError, CheckpointMismatch
 from stoker.checkpoint.sharded import export_consolidated, load_sharded, save_sharded
 
-JOB = Path(__file__).parents[1] / "runtime" / "fsdp_job.py"
-
-
-def run_job(tmp: Path, specs: list[dict[str, Any]], nproc: int, tag: str) -> dict[str, Any]:
-    """Runs fsdp_job.py in ``nproc`` processes (1: plain python, no torch.distributed)."""
-    spec_file, out = tmp / f"spec-{tag}.json", tmp / f"out-{tag}.pt"
-    spec_file.write_text(json.dumps(specs))
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [sys.executable, *(launcher if nproc > 1 else []), str(JOB), str(spec_file), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return torch.load(out, weights_only=True)
+sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+from fsdp_job import launch, run_job
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Any]:
-    """Saves at step 10 of 20 from 2 processes and from 1; resumes 2 -> 2, 2 -> 1, 1 -> 2."""
+    """20 steps uninterrupted, and 10 steps checkpointed, by 2 processes and by 1; the
+    checkpoints of step 10 resumed 2 -> 2, 2 -> 1, 1 -> 2 (copies of the run directories)."""
     tmp = tmp_path_factory.mktemp("sharded")
-    by2, by1 = str(tmp / "saved-by-2"), str(tmp / "saved-by-1")
-    resume = {"strategy": "fsdp", "start": 10, "no_pickle": True}
-    single = {"name": "single", "strategy": "single", "save_at": 10, "save_dir": by1}
-    out = run_job(tmp, [single], 1, "a")
+    fsdp = {"strategy": "fsdp"}
+    saved = {**fsdp, "steps": 10, "every": 10}
+    out = run_job(
+        tmp,
+        [{**fsdp, "name": "1"}, {**saved, "name": "saved-1", "run_dir": str(tmp / "by1")}],
+        1,
+        "a",
+    )
     out |= run_job(
         tmp,
-        [
-            {"name": "fsdp", "strategy": "fsdp", "save_at": 10, "save_dir": by2},
-            {**resume, "name": "2->2", "resume": by2},
-            {**resume, "name": "1->2", "resume": by1},
-        ],
+        [{**fsdp, "name": "2"}, {**saved, "name": "saved-2", "run_dir": str(tmp / "by2")}],
         2,
         "b",
     )
-    out |= run_job(tmp, [{**resume, "name": "2->1", "strategy": "single", "resume": by2}], 1, "c")
-    out["dirs"] = {"2": Path(by2), "1": Path(by1)}
+    for name, source in (("2->2", "by2"), ("2->1", "by2"), ("1->2", "by1")):
+        shutil.copytree(tmp / source, tmp / name)
+    resume = {**fsdp, "every": 10, "no_pickle": True}
+    out |= run_job(
+        tmp,
+        [{**resume, "name": n, "run_dir": str(tmp / n)} for n in ("2->2", "1->2")],
+        2,
+        "c",
+    )
+    out |= run_job(tmp, [{**resume, "name": "2->1", "run_dir": str(tmp / "2->1")}], 1, "d")
+    out["dirs"] = {"2": tmp / "by2", "1": tmp / "by1"}
     return out
 
 
-# The tests on `runs` launch 2-process jobs (~30 s in all): slow-marked until the sharded path
-# is behind Stoker, to keep the default suite well under 10 minutes.
+# The tests on `runs` launch 2-process jobs (~60 s in all): slow-marked to keep the default
+# suite well under 10 minutes.
 @pytest.mark.slow
 @pytest.mark.parametrize("resumed", ["2->2", "2->1", "1->2"])
 def test_resume_continues_the_same_trajectory(runs, resumed):
-    uninterrupted = runs["fsdp" if resumed.startswith("2") else "single"]
-    assert len(runs[resumed]["losses"]) == 10
+    uninterrupted = runs[resumed[0]]  # the run on as many processes as the one that saved
+    assert runs[resumed]["start"] == 10 and len(runs[resumed]["losses"]) == 10
     torch.testing.assert_close(
         runs[resumed]["losses"], uninterrupted["losses"][10:], atol=1e-5, rtol=1e-5
     )
     torch.testing.assert_close(
         runs[resumed]["norms"], uninterrupted["norms"][10:], atol=1e-5, rtol=1e-5
     )
+    if resumed == "2->2":  # the same processes, the same shards: bitwise
+        assert torch.equal(runs[resumed]["losses"], uninterrupted["losses"][10:])
 
 
 @pytest.mark.slow
 def test_only_safetensors_and_json_on_disk(runs):
     for saved_by, shards in (("2", 2), ("1", 1)):
-        root = runs["dirs"][saved_by]
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        step = runs["dirs"][saved_by] / "checkpoints" / "step-00000010"
+        files = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file())
         names = [f"shard-{i:05d}-model-00001-of-00001.safetensors" for i in range(1, shards + 1)]
-        expected = [f"{d}/{n}" for d in ("model", "optim") for n in names] + ["sharded.json"]
-        assert files == sorted(expected)  # no DCP .metadata (a pickle), no index file
+        sharded = [f"sharded/{d}/{n}" for d in ("model", "optim") for n in names]
+        assert [f for f in files if f.startswith("sharded/")] == sorted(
+            [*sharded, "sharded/sharded.json"]
+        )  # no DCP .metadata (a pickle), no index file
+        assert all(f.endswith((".json", ".safetensors")) for f in files), files
+        manifest = json.loads((step / "manifest.json").read_text())
+        assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
 
 
 @pytest.mark.slow
 def test_export_equals_the_unsharded_weights(runs, tmp_path):
     for saved_by in ("2", "1"):
-        out = export_consolidated(runs["dirs"][saved_by], tmp_path / f"{saved_by}.safetensors")
+        out = tmp_path / f"{saved_by}.safetensors"
+        cmd = ["stoker", "checkpoint", "export", str(runs["dirs"][saved_by]), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "step-00000010" in done.stdout
         exported = safetensors.torch.load_file(out)
-        expected = runs["fsdp" if saved_by == "2" else "single"]["saved_weights"]
+        expected = runs[f"saved-{saved_by}"]["weights"]  # after 10 steps
         assert exported.keys() == expected.keys()
         for name, weight in expected.items():
             assert torch.equal(exported[name], weight), name
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_under_fsdp_ends_bitwise_equal(runs, tmp_path):
+    spec = [{"name": "killed", "strategy": "fsdp", "every": 3, "run_dir": str(tmp_path / "r")}]
+    done = launch(tmp_path, spec, 2, "kill", env={"STOKER_FAULT_KILL_AT_STEP": "8"})
+    assert done.returncode != 0  # rank 0 and 1 SIGKILLed at step 8; the checkpoint of 6 stands
+    resumed = run_job(tmp_path, spec, 2, "resume")["killed"]
+    assert resumed["start"] == 6
+    uninterrupted = runs["2"]
+    assert torch.equal(resumed["losses"], uninterrupted["losses"][6:])
+    for name, weight in uninterrupted["weights"].items():
+        assert torch.equal(resumed["weights"][name], weight), name
 
 
 # In this process, without torch.distributed: a plain model saved and loaded.

@@ -1,8 +1,11 @@
-"""Run by test_doctor_ddp.py under `stoker run --nproc 2`: a DDP loop with the doctor on.
+"""Run by test_doctor_ddp.py under `stoker run --nproc 2`: a DDP (or, with the argument
+``fsdp``, a sharded) loop with the doctor on.
 
 20 steps: past the doctor's default warm-up, profiled window and attribution steps, so rank 0
 ends the run with the doctor's report and its probes (no tests here).
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stoker import Stoker
 
-stoker = Stoker(device="cpu", precision="fp32", seed=0)
+strategy = sys.argv[1] if len(sys.argv) > 1 else "auto"
+stoker = Stoker(device="cpu", precision="fp32", seed=0, strategy=strategy)
 g = torch.Generator().manual_seed(0)
 data = TensorDataset(torch.randn(1024, 32, generator=g), torch.randint(0, 10, (1024,), generator=g))
 loader = DataLoader(data, batch_size=16, shuffle=True)

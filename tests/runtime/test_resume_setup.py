@@ -72,24 +72,31 @@ def test_resuming_with_another_seed_is_refused(tmp_path):
     assert "written with seed=0 and this run has seed=1" in message and "\n" not in message
 
 
-def test_a_two_process_checkpoint_is_refused_by_one_process(tmp_path):
+def test_another_number_of_processes_resumes_only_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "STOKER_RUN_DIR": str(tmp_path / "run")}
     two = [sys.executable, "-m", "stoker", "run", "--nproc", "2", str(DDP_JOB)]
     done = subprocess.run(
         [*two, str(tmp_path / "a.pt"), "--batch", "4"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one = [sys.executable, str(DDP_JOB), str(tmp_path / "b.pt"), "--batch", "4"]
-    done = subprocess.run(one, env=env, capture_output=True, text=True, timeout=240)
+    # 1 process x 4 rows is another global batch than 2 x 4: refused, in one line.
+    one = [sys.executable, str(DDP_JOB), str(tmp_path / "b.pt")]
+    done = subprocess.run([*one, "--batch", "4"], env=env, capture_output=True, text=True)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[0].startswith("stoker: error: checkpoint ")
-    assert "written by 2 process(es) and this run has 1" in lines[0]
-    assert "stoker run --nproc 2" in lines[0] and "resume='never'" in lines[0]
+    assert "by 2 process(es) x batch_size=4; this run has 1 x batch_size=4" in lines[0]
+    assert "resume with batch_size=8 per process" in lines[0] and "resume='never'" in lines[0]
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["world_size"] == 1 and record["status"] == "failed"
-    assert len(record["attempts"]) == 2
+    # 1 x 8 rows: the same samples per step, resumed (and recorded as changed).
+    done = subprocess.run([*one, "--batch", "8"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "finished" and len(record["attempts"]) == 3
+    changed = record["resumed_from"]["changed"]
+    assert changed["settings.world_size"] == {"was": 2, "now": 1}
 
 
 def test_accepted_changes_are_handled_and_recorded(tmp_path):

@@ -1,23 +1,19 @@
-"""FSDP2 through shard_model trains exactly like one process and like DDP; activation
-checkpointing changes nothing but memory. The multi-process runs are fsdp_job.py under
-torchrun (2 processes, gloo); the block-selection tests run in this process."""
+"""``Stoker(strategy="fsdp")`` trains exactly like one process and like DDP, with and without
+accumulation and token weighting; activation checkpointing changes nothing but memory. The
+multi-process runs are fsdp_job.py under torchrun (2 processes, gloo); the block-selection
+tests run in this process."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from fsdp_job import run_job
 from torch import nn
 
 from stoker.models import Encoder, EncoderConfig
 from stoker.runtime.sharding import activation_checkpointing, select_blocks, shard_model
-
-JOB = Path(__file__).with_name("fsdp_job.py")
 
 # Gradient accumulation (2 micro-batches), token-weighted loss (ragged labels), both.
 MODES = {
@@ -40,29 +36,15 @@ TWO_PROCESS_RUNS = [
     {"name": "fsdp-bf16", "strategy": "fsdp", "precision": "bf16", "steps": 6},
 ]
 ONE_PROCESS_RUNS = [
-    {"name": "single", "strategy": "single"},
-    *[
-        {"name": f"single{mode}", "strategy": "single", **options}
-        for mode, options in MODES.items()
-    ],
+    {"name": "single", "strategy": "auto"},
+    *[{"name": f"single{mode}", "strategy": "auto", **options} for mode, options in MODES.items()],
 ]
-
-
-def run_job(tmp: Path, specs: list[dict[str, Any]], nproc: int) -> dict[str, Any]:
-    """Runs fsdp_job.py in ``nproc`` processes (1: plain python, no torch.distributed)."""
-    spec_file, out = tmp / f"spec-{nproc}.json", tmp / f"out-{nproc}.pt"
-    spec_file.write_text(json.dumps(specs))
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [sys.executable, *(launcher if nproc > 1 else []), str(JOB), str(spec_file), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("fsdp")
-    return {**run_job(tmp, TWO_PROCESS_RUNS, 2), **run_job(tmp, ONE_PROCESS_RUNS, 1)}
+    return {**run_job(tmp, TWO_PROCESS_RUNS, 2, "2"), **run_job(tmp, ONE_PROCESS_RUNS, 1, "1")}
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:

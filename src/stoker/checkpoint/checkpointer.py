@@ -175,6 +175,11 @@ class Checkpointer:
         """Called just before each save is taken, on the thread that saves: the run
         record writes its queued metrics there, so a checkpointed step never lacks its metrics
         after a SIGKILL (a resume logs the later steps again)."""
+        self.sharded: str | None = None
+        """The key of a sharded (FSDP) model in the state: it and the state's optimizers are
+        written by every process through DCP (see :mod:`stoker.checkpoint.sharded`), and such
+        saves are synchronous: DCP's collectives share the process group with the training
+        step, so they cannot run on a background thread."""
         self._thread: threading.Thread | None = None
         # Host buffers reused by every async snapshot (one copy of the state in host memory).
         self._pool: dict[tuple[str, str], Any] = {}
@@ -288,7 +293,8 @@ class Checkpointer:
         self._report_pending()
         if not self.due(step):
             return False
-        return self.save(step, state, rank_state=rank_state) is not None or self.config.async_save
+        started = self.save(step, state, rank_state=rank_state) is not None
+        return started or (self.config.async_save and self.sharded is None)
 
     def save(
         self, step: int, state: Mapping[str, Any], *, rank_state: Mapping[str, Any] | None = None
@@ -305,7 +311,7 @@ class Checkpointer:
             return target
         if self.before_save is not None:
             self.before_save()
-        async_save = self.config.async_save
+        async_save = self.config.async_save and self.sharded is None
         snap = snapshot(
             state,
             rank=self._coord.rank,
@@ -313,6 +319,7 @@ class Checkpointer:
             rank_state=rank_state,
             copy=async_save,
             pool=self._pool if async_save else None,
+            sharded=self.sharded,
         )
         self._last_step = step
         self._last_time = time.monotonic()

@@ -31,8 +31,11 @@ VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("json", "safetensors")
 MANIFEST_LIMIT = 16 << 20  # bytes; a manifest lists a few files per rank (~150 bytes each)
-# File names are flat and tame: no path separators, no "..", no hidden files.
-_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+# File names are tame: at most two directory levels (a sharded checkpoint's ``sharded/model/``
+# shards), each part starting with a letter, digit or underscore: no "..", no hidden files, no
+# absolute paths.
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
+_FILE_NAME = re.compile(rf"{_PART}(?:/{_PART}){{0,2}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,8 @@ def _digest(directory: Path, name: str, expected: int) -> str:
     """SHA-256 of ``directory/name``, a regular file of exactly ``expected`` bytes."""
     path = directory / name
     try:
-        f = safe_files.open_regular(path, limit=None, error=CheckpointError)
+        # root: a subdirectory that is a symlink out of the checkpoint is refused.
+        f = safe_files.open_regular(path, limit=None, error=CheckpointError, root=directory)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {directory}: {name} is missing") from None
     digest = hashlib.sha256()

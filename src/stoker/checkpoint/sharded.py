@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,6 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -59,27 +61,46 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from stoker import safe_files
 from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch
 
-__all__ = ["export_consolidated", "load_sharded", "save_sharded"]
+__all__ = ["Optimizers", "check_sharded", "export_consolidated", "load_sharded", "save_sharded"]
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
 JSON_FILE = "sharded.json"
 _FORMAT = 1
 _SUFFIX = ".safetensors"
+_JSON_LIMIT = 64 << 20  # bytes: param groups and aliases, a few KB
+
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+"""One optimizer, several (their states are stored together, by parameter name), or none."""
+
+
+def _as_list(optimizers: Optimizers) -> list[torch.optim.Optimizer]:
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    return list(optimizers)
 
 
 def save_sharded(
     directory: str | os.PathLike[str],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> Path:
-    """Write this process's shards of ``model`` (and ``optimizer``) into ``directory``.
+    """Write this process's shards of ``model`` (and ``optimizer``, or several) into
+    ``directory``.
 
     Collective: every process of the default group calls it with its own shards (one process
     without torch.distributed works too). ``directory`` must not exist or be empty.
     Returns the directory.
+
+    Optimizers that have not stepped yet (no state) are recorded as such and their (empty)
+    state is not written: building it would take an optimizer step, which changes a live
+    optimizer (Adam's step count).
     """
     root = Path(directory)
     for sub in (MODEL_DIR, OPTIM_DIR):
@@ -89,11 +110,12 @@ def save_sharded(
                 f"{root / sub} already holds {stale}; a sharded checkpoint goes into a new "
                 "directory (old shards would be read as part of it)."
             )
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        optim_sd: dict[str, Any] = {}
+    optimizers = _as_list(optimizer)
+    stepped = any(opt.state for opt in optimizers)
+    if stepped:
+        model_sd, optim_sd = get_state_dict(model, optimizers)
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_model_state_dict(model), {}
     for key, value in model_sd.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -104,23 +126,50 @@ def save_sharded(
     for alias in aliases:  # safetensors refuses two names for one storage
         del model_sd[alias]
     tensors, plain = _split_optimizer_state(optim_sd)
+    saved_optimizer: dict[str, Any] | None = None
+    if optimizers:
+        saved_optimizer = {**plain, "count": len(optimizers), "stepped": stepped}
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         root.mkdir(parents=True, exist_ok=True)
-        record = {"format": _FORMAT, "aliases": aliases}
-        _write_json(root / JSON_FILE, {**record, "optimizer": plain if optimizer else None})
+        record = {"format": _FORMAT, "aliases": aliases, "optimizer": saved_optimizer}
+        _write_json(root / JSON_FILE, record)
     # After the JSON: these saves' collectives make every process wait for it.
-    if optimizer is not None:
+    if stepped:
         _dcp_save(tensors, root / OPTIM_DIR)
     _dcp_save(model_sd, root / MODEL_DIR)
     return root
 
 
+def check_sharded(directory: str | os.PathLike[str], model: nn.Module) -> None:
+    """Raise :class:`CheckpointMismatch` if the model state in ``directory`` does not fit
+    ``model`` (keys or full shapes), touching nothing; :class:`CheckpointError` if it is not a
+    sharded checkpoint."""
+    root = Path(directory)
+    record = _read_json(root)
+    stored = _stored_shapes(root / MODEL_DIR)
+    wanted = {
+        k: tuple(v.shape)
+        for k, v in get_model_state_dict(model).items()
+        if k not in record["aliases"] and isinstance(v, torch.Tensor)
+    }
+    _check_keys(set(wanted), set(stored), root / MODEL_DIR, "model")
+    wrong = [
+        f"{k}: {stored[k]} saved, {shape} here" for k, shape in wanted.items() if stored[k] != shape
+    ]
+    if wrong:
+        raise CheckpointMismatch(
+            f"The model state in {root} does not fit: {'; '.join(wrong[:3])}"
+            f"{' ...' if len(wrong) > 3 else ''}; build the model with the configuration "
+            "that produced the checkpoint."
+        )
+
+
 def load_sharded(
     directory: str | os.PathLike[str],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> None:
-    """Load a :func:`save_sharded` checkpoint into ``model`` (and ``optimizer``), in place.
+    """Load a :func:`save_sharded` checkpoint into ``model`` (and its optimizers), in place.
 
     ``model`` may be sharded differently from the saving run (other world size, FSDP or not):
     each process reads exactly the slices its parameters and optimizer state cover. Nothing is
@@ -129,35 +178,42 @@ def load_sharded(
     """
     root = Path(directory)
     record = _read_json(root)
-    if optimizer is not None and record["optimizer"] is None:
+    optimizers = _as_list(optimizer)
+    saved = record["optimizer"]
+    if optimizers and saved is None:
         raise CheckpointError(
             f"{root} was saved without an optimizer; call load_sharded(directory, model) "
             "without one."
         )
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        optim_sd: dict[str, Any] = {}
+    if optimizers and saved.get("count", 1) != len(optimizers):
+        raise CheckpointMismatch(
+            f"{root} holds the state of {saved.get('count', 1)} optimizer(s); "
+            f"{len(optimizers)} were given."
+        )
+    stepped = bool(optimizers) and saved.get("stepped", True)
+    if stepped:
+        # Creates the optimizers' state (one step with zero gradients and lr 0) if they have
+        # none, so that there are tensors of the right shard shapes to read into.
+        model_sd, optim_sd = get_state_dict(model, optimizers)
     else:
-        # Creates the optimizer's state (one step with zero gradients and lr 0) if it has none,
-        # so that there are tensors of the right shard shapes to read into.
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_model_state_dict(model), {}
     aliases: dict[str, str] = record["aliases"]
     stored = {k: v for k, v in model_sd.items() if k not in aliases}
     _dcp_load(stored, root / MODEL_DIR, what="model")
     for alias, name in aliases.items():
         model_sd[alias] = model_sd[name]
-    if optimizer is None:
+    if not stepped:
         set_model_state_dict(model, model_sd)
         return
     tensors, _ = _split_optimizer_state(optim_sd)
     _dcp_load(tensors, root / OPTIM_DIR, what="optimizer")
     state: dict[str, dict[str, Any]] = tensors.get("state", {})
-    for fqn, entries in record["optimizer"]["state"].items():
+    for fqn, entries in saved["state"].items():
         state.setdefault(fqn, {}).update(entries)
-    groups = [_decode_group(g) for g in record["optimizer"]["param_groups"]]
+    groups = [_decode_group(g) for g in saved["param_groups"]]
     set_state_dict(
         model,
-        optimizer,
+        optimizers,
         model_state_dict=model_sd,
         optim_state_dict=cast(Any, {"state": state, "param_groups": groups}),
         options=StateDictOptions(strict=True),
@@ -219,11 +275,25 @@ def _read_json(root: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{root} has no {JSON_FILE}; pass a directory written by save_sharded()."
         )
-    record = json.loads(path.read_text())
+    record = safe_files.read_json(path, expect=dict, limit=_JSON_LIMIT, error=CheckpointError)
     if record.get("format") != _FORMAT:
         raise CheckpointError(
             f"{path} has format {record.get('format')!r}; this stoker reads format {_FORMAT}."
         )
+    aliases, optimizer = record.get("aliases"), record.get("optimizer")
+    if not (
+        isinstance(aliases, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())
+        and (
+            optimizer is None
+            or (
+                isinstance(optimizer, dict)
+                and isinstance(optimizer.get("state"), dict)
+                and isinstance(optimizer.get("param_groups"), list)
+            )
+        )
+    ):
+        raise CheckpointError(f"{path} is malformed (aliases or optimizer); it was not used.")
     return record
 
 
@@ -231,14 +301,34 @@ def _dcp_save(state: dict[str, Any], path: Path) -> None:
     writer = HuggingFaceStorageWriter(str(path), save_distributed=True, enable_consolidation=False)
     with warnings.catch_warnings():  # one process without torch.distributed is fine here
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.save(state, storage_writer=writer)
+        try:
+            dcp.save(state, storage_writer=writer)
+        except CheckpointException as exc:  # a BaseException: every rank gets the failures
+            first = next(iter(exc.failures.values()), exc)
+            if isinstance(first, OSError):
+                raise first from None
+            raise CheckpointError(f"writing shards to {path} failed: {first!r}") from None
 
 
 def _dcp_load(state: dict[str, Any], path: Path, *, what: str) -> None:
     """Read ``state``'s tensors in place from ``path``, after checking the keys match."""
     reader = HuggingFaceStorageReader(str(_shard_dir(path)))
     stored = set(reader.read_metadata().state_dict_metadata)
-    wanted = set(_flat_keys(state))
+    _check_keys(set(_flat_keys(state)), stored, path, what)
+    _read(state, reader)
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The full shape of every tensor in the shards under ``path`` (headers only)."""
+    reader = HuggingFaceStorageReader(str(_shard_dir(path)))
+    return {
+        key: tuple(meta.size)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def _check_keys(wanted: set[str], stored: set[str], path: Path, what: str) -> None:
     if stored != wanted:
         missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
         raise CheckpointMismatch(
@@ -247,7 +337,6 @@ def _dcp_load(state: dict[str, Any], path: Path, *, what: str) -> None:
             f"{' ...' if len(unexpected) > 10 else ''}. Was it saved from another model "
             "or optimizer?"
         )
-    _read(state, reader)
 
 
 def _read(state: dict[str, Any], reader: HuggingFaceStorageReader) -> None:

@@ -10,6 +10,9 @@ The user's ``state`` maps names to modules, stateful objects (anything with ``st
     state.safetensors     ... whose tensors live here (optimizer moments, ...)
     rank-00000.json       per process: RNG states and the optional per-rank state
     rank-00000.safetensors
+    sharded/              with ``sharded=KEY``: that model and every optimizer of the state,
+                          written by every process through DCP (see sharded.py), instead of
+                          KEY.safetensors and the optimizers' entries in state.json
     manifest.json         sizes and SHA-256 of all of the above, written last
 
 Nothing here touches pickle: the only readers are ``json`` and ``safetensors``.
@@ -36,8 +39,11 @@ from stoker.checkpoint.errors import CheckpointError
 from stoker.checkpoint.rng import capture_rng
 
 __all__ = [
+    "SHARDED_DIR",
     "PendingFile",
+    "ShardedPart",
     "Snapshot",
+    "is_sharded",
     "is_stateful",
     "read_json",
     "read_tensors",
@@ -47,6 +53,7 @@ __all__ = [
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
+SHARDED_DIR = "sharded"
 JSON_LIMIT = 256 << 20  # bytes; JSON holds structure (tensors live in safetensors), a few MB
 _ALIASES = "stoker.aliases"
 _COPY_CHUNK = 16 << 20  # bytes per copy job of an async snapshot
@@ -62,6 +69,14 @@ def is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None)
     )
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` has DTensor parameters (FSDP2 shards); see
+    :func:`stoker.runtime.model.is_sharded`."""
+    from stoker.runtime.model import is_sharded
+
+    return is_sharded(module)
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -94,6 +109,17 @@ class PendingFile:
 
 
 @dataclass(slots=True)
+class ShardedPart:
+    """What a snapshot leaves to DCP: a model and the state's optimizers, written by every
+    process at write time (collectively, on the thread that writes) from the live objects."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    keys: list[str]
+    """The state's keys it covers, the model's first."""
+
+
+@dataclass(slots=True)
 class Snapshot:
     """Everything one rank writes for one checkpoint, detached from the live objects or not.
 
@@ -106,6 +132,7 @@ class Snapshot:
     files: list[PendingFile] = field(default_factory=list)
     copied: bool = False
     events: list[Any] = field(default_factory=list)
+    sharded: ShardedPart | None = None
 
     @property
     def nbytes(self) -> int:
@@ -230,11 +257,14 @@ def snapshot(
     rng: bool = True,
     copy: bool = False,
     pool: dict[tuple[str, str], torch.Tensor] | None = None,
+    sharded: str | None = None,
 ) -> Snapshot:
     """Collect the files this rank writes for ``state`` (rank 0 writes the shared ones).
 
     ``copy``: private CPU copies of every tensor (for a background write), made into the
-    buffers of ``pool`` when given (see ``_Copier``).
+    buffers of ``pool`` when given (see ``_Copier``). ``sharded``: the key of a model to write
+    as shards with every optimizer of ``state`` (see :class:`ShardedPart`); it is not copied,
+    so such a snapshot must be written before training goes on.
     """
     if not isinstance(state, Mapping):
         raise CheckpointError(
@@ -246,12 +276,17 @@ def snapshot(
         raise CheckpointError(f"checkpoint state keys must be strings; these are not: {bad!r}")
     copier = _Copier(copy, pool)
     snap = Snapshot(rank=rank, world_size=world_size, copied=copy)
+    if sharded is not None:
+        snap.sharded = _sharded_part(state, sharded)
     if rank == 0:
         entries: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
         used: set[str] = set()
         for key, obj in state.items():
-            if isinstance(obj, nn.Module):
+            if snap.sharded is not None and key in snap.sharded.keys:
+                role = "model" if key == sharded else "optimizer"
+                entries[key] = {"kind": "sharded", "dir": SHARDED_DIR, "role": role}
+            elif isinstance(obj, nn.Module):
                 stem = key if _TAME.fullmatch(key) and key not in _RESERVED else ""
                 if not stem or stem.startswith("rank-") or stem in used:
                     stem = f"module{len(used)}"
@@ -283,6 +318,21 @@ def snapshot(
     copier.finish()
     snap.events = copier.events
     return snap
+
+
+def _sharded_part(state: Mapping[str, Any], key: str) -> ShardedPart:
+    model = state.get(key)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"sharded={key!r} must name a model of the checkpoint state; it holds "
+            f"{type(model).__name__}"
+        )
+    optimizers = [k for k, v in state.items() if isinstance(v, torch.optim.Optimizer)]
+    return ShardedPart(
+        model=unwrap_module(model),
+        optimizers=[state[k] for k in optimizers],
+        keys=[key, *optimizers],
+    )
 
 
 # ------------------------------------------------------------------------------------ read

@@ -45,9 +45,11 @@ from stoker.checkpoint.errors import CheckpointError, CheckpointMismatch, Checkp
 from stoker.checkpoint.manifest import FileEntry, Manifest, read_manifest, verify
 from stoker.checkpoint.rng import check_rng, restore_rng
 from stoker.checkpoint.state import (
+    SHARDED_DIR,
     STATE_JSON,
     STATE_TENSORS,
     Snapshot,
+    is_sharded,
     is_stateful,
     rank_stem,
     read_json,
@@ -58,6 +60,8 @@ from stoker.checkpoint.state import (
 from stoker.errors import StokerError
 
 __all__ = ["Restore", "load", "prepare_load", "save", "write_snapshot"]
+
+_SHARD_KINDS = {".json": "json", ".safetensors": "safetensors"}
 
 
 def save(
@@ -115,7 +119,7 @@ def write_snapshot(
         if failure is None:
             try:
                 fn()
-            except (OSError, TypeError, ValueError) as exc:
+            except (OSError, TypeError, ValueError, CheckpointError) as exc:
                 failure = exc
 
     def prepare() -> None:
@@ -141,6 +145,12 @@ def write_snapshot(
             else:
                 digest, size = write_safetensors(tmp / f.name, f.tensors or {}, f.metadata)
             written[f.name] = FileEntry(digest, size, f.kind)
+        if snap.sharded is not None:  # collective: every rank writes its shards
+            from stoker.checkpoint.sharded import save_sharded  # imports DCP: only when used
+
+            part = snap.sharded
+            where = str(tmp / SHARDED_DIR)
+            save_sharded(tmp / SHARDED_DIR, part.model, part.optimizers)
 
     if ok:
         attempt(write_files)
@@ -155,6 +165,14 @@ def write_snapshot(
                 where = str(tmp / name)
                 digest, size = sha256_file(tmp / name)
                 files[name] = FileEntry(digest, size, kind)
+        if snap.sharded is not None:  # every rank's shards, on the shared filesystem
+            for path in sorted((tmp / SHARDED_DIR).rglob("*")):
+                if path.is_dir():
+                    continue
+                name = path.relative_to(tmp).as_posix()
+                where = str(path)
+                digest, size = sha256_file(path)
+                files[name] = FileEntry(digest, size, _SHARD_KINDS[path.suffix])
         manifest = Manifest(
             step=step if step is not None else _step_from_name(directory.name),
             world_size=coord.world_size,
@@ -220,6 +238,11 @@ def _check_module(
     module: nn.Module, weights: Mapping[str, Any], directory: Path, key: str, strict: bool
 ) -> None:
     """Refuse weights that do not fit ``module`` before anything is copied into it."""
+    if is_sharded(unwrap_module(module)):
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: {key!r} holds full weights but this model is sharded "
+            "(FSDP); resume it with the strategy that wrote it (ddp, or one process)"
+        )
     expected = unwrap_module(module).state_dict()
     wrong = [
         f"{name}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}"
@@ -354,7 +377,7 @@ def prepare_load(
     doc = read_json(directory / STATE_JSON, limit=manifest.files[STATE_JSON].bytes)
     entries = doc.get("entries")
     if not isinstance(entries, dict) or not all(
-        isinstance(e, dict) and e.get("kind") in ("module", "stateful", "data")
+        isinstance(e, dict) and e.get("kind") in ("module", "stateful", "data", "sharded")
         for e in entries.values()
     ):
         raise CheckpointError(
@@ -374,9 +397,15 @@ def prepare_load(
         (k for k in state if k in entries), key=lambda k: not isinstance(state[k], nn.Module)
     )
     try:
+        sharded = [k for k in keys if entries[k]["kind"] == "sharded"]
+        if sharded:
+            _prepare_sharded(restore, state, sharded, entries)
         for key in keys:
-            _prepare_entry(restore, state, key, entries[key], tensors, listed, strict)
+            if key not in sharded:
+                _prepare_entry(restore, state, key, entries[key], tensors, listed, strict)
         for key, entry in entries.items():
+            if entry["kind"] == "sharded":
+                continue  # read only into live objects
             if key not in state:
                 restore.rest[key] = (
                     read_tensors(listed(entry["file"]))
@@ -391,6 +420,41 @@ def prepare_load(
             f"checkpoint {directory}: malformed state ({type(exc).__name__}: {exc})"
         ) from None
     return restore
+
+
+def _prepare_sharded(
+    restore: Restore, state: dict[str, Any], keys: list[str], entries: dict[str, Any]
+) -> None:
+    """A model and its optimizers written through DCP: the model's keys and shapes are
+    checked now, everything is read at apply (each process its own slices, any world size)."""
+    from stoker.checkpoint.sharded import check_sharded, load_sharded  # imports DCP
+
+    directory = restore.directory
+    models = [k for k in keys if entries[k].get("role") == "model"]
+    if len(models) != 1 or not isinstance(state[models[0]], nn.Module):
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: its sharded part holds the model {models} and optimizers; "
+            f"{keys} must be that model and the optimizers in this state"
+        )
+    optimizers = [state[k] for k in keys if k not in models]
+    if not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: {keys[1:]} were saved as sharded optimizer state, but "
+            "this state holds something else under those names"
+        )
+    others = [k for k, v in state.items() if isinstance(v, torch.optim.Optimizer)]
+    if sorted(others) != sorted(k for k in keys if k not in models):
+        raise CheckpointMismatch(
+            f"checkpoint {directory}: the sharded optimizer state is for "
+            f"{sorted(k for k in keys if k not in models)}; this state's optimizers are {others}"
+        )
+    model = unwrap_module(state[models[0]])
+    root = directory / SHARDED_DIR
+    try:
+        check_sharded(root, model)
+    except CheckpointMismatch as exc:
+        raise CheckpointMismatch(f"checkpoint {directory}: {exc}") from None
+    restore._then("the sharded model and optimizers", lambda: load_sharded(root, model, optimizers))
 
 
 def _prepare_entry(

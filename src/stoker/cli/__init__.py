@@ -23,6 +23,7 @@ _SUBCOMMANDS = (
     "report",
     "reproduce",
     "check_resume",
+    "checkpoint",
     "compress",
     "experiment",
 )

@@ -22,6 +22,7 @@ import torch
 
 from stoker.doctor.measurements import ForwardInfo, Measurements
 from stoker.runtime.hardware import bf16_is_fast
+from stoker.runtime.model import is_sharded
 
 __all__ = ["Probe", "run_probes", "time_interleaved"]
 
@@ -229,7 +230,13 @@ def run_probes(m: Measurements) -> dict[str, Probe]:
     fwd = m.train_forward
     prof = m.profile
     jobs: list[tuple[str, Callable[[], Probe | None]]] = []
-    if fwd is not None and next(fwd.module.parameters(), None) is not None:
+    # A sharded (FSDP) model's forward all-gathers from every rank: it cannot be re-run on
+    # the main rank alone, so it is not probed.
+    if (
+        fwd is not None
+        and next(fwd.module.parameters(), None) is not None
+        and not is_sharded(fwd.module)
+    ):
         device = m.device
         fp32_ms = prof.matmul_ms_by_dtype.get("float32", 0.0)
         # Only where bf16 products are measured fast: elsewhere bf16 is emulated and one probe

@@ -36,6 +36,7 @@ __all__ = [
     "collective_timeout",
     "control_group",
     "init_distributed",
+    "is_rank_aware",
     "shard_loader",
     "wait_for_ranks",
 ]
@@ -217,7 +218,8 @@ def init_distributed(device: torch.device) -> DistributedContext:
     )
 
 
-def _is_rank_aware(loader: DataLoader[Any]) -> bool:
+def is_rank_aware(loader: DataLoader[Any]) -> bool:
+    """Whether ``loader``'s sampler or batch sampler splits the data by rank itself."""
     for sampler in (loader.batch_sampler, loader.sampler):
         if hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
             return True
@@ -242,7 +244,7 @@ def shard_loader(loader: DataLoader[Any], ctx: DistributedContext, seed: int) ->
                 f"but this job has {ctx.world_size} process(es); build it after creating the "
                 "Stoker (so it sees the process group) or pass num_replicas=stoker.world_size"
             )
-    if not ctx.enabled or _is_rank_aware(loader):
+    if not ctx.enabled or is_rank_aware(loader):
         return loader
     if isinstance(loader.sampler, SequentialSampler | RandomSampler) and loader.batch_size:
         shuffle = isinstance(loader.sampler, RandomSampler)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stoker.runtime.nested import map_tensors
 
-__all__ = ["PreparedModel", "unwrap_model"]
+__all__ = ["PreparedModel", "is_sharded", "unwrap_model"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -55,6 +55,14 @@ def _compiled_type() -> type[nn.Module] | None:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return OptimizedModule
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` has DTensor parameters (sharded by FSDP2)."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    if tensor is None:  # nothing imported DTensor in this process: no parameter is one
+        return False
+    return any(isinstance(p, tensor.DTensor) for p in module.parameters())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from stoker.runtime.nested import map_tensors
 from stoker.runtime.step import TrainingStep
 
-__all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler"]
+__all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "order_seed"]
 
 _END = object()  # what next() returns once a replayed epoch runs out
 
@@ -23,6 +23,13 @@ _END = object()  # what next() returns once a replayed epoch runs out
 def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     """``batch`` on ``device``, every container kept as its own type (see ``map_tensors``)."""
     return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
+
+
+def order_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s data order. A ``DistributedSampler`` seeds itself with
+    ``its seed + epoch``: built with ``order_seed(seed, 0)`` it shuffles each epoch exactly as
+    one process does, so W processes split the very order one process sees."""
+    return (seed * 1_000_003 + epoch) % 2**63
 
 
 class PreparedOptimizer(torch.optim.Optimizer):
@@ -107,8 +114,13 @@ class PreparedLoader:
         *,
         seed: int,
         replayed: Callable[[], None],
+        world_invariant: bool,
     ) -> None:
         self.loader = loader
+        self.world_invariant = world_invariant
+        """Whether the samples of a step depend only on the global batch, not on how many
+        processes share it (stoker split the loader: rank r of W takes samples r, r+W, ...):
+        then a resume on another number of processes with the same global batch is exact."""
         self.device = device
         self.epoch = 0
         self.position = 0
@@ -126,7 +138,7 @@ class PreparedLoader:
             loader.sampler.generator = torch.Generator()
         if loader.generator is None:  # worker seeds come from here (else from the global RNG)
             loader.generator = torch.Generator()
-        seed = (self._seed * 1_000_003 + epoch) % 2**63
+        seed = order_seed(self._seed, epoch)
         loader.generator.manual_seed(seed)
         if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
             loader.sampler.generator.manual_seed(seed)
@@ -173,6 +185,7 @@ class PreparedLoader:
             "position": self.position,
             "batch_size": self._batch_size(),
             "batches": self._batches(),
+            "world_size": self._steps.dist.world_size,
         }
 
     def check_state_dict(self, state: Any) -> None:
@@ -191,7 +204,36 @@ class PreparedLoader:
         where = f"{position} batches into epoch {epoch}"
         start_over = "or start over with resume='never' or a new run directory"
         was, now = state.get("batch_size"), self._batch_size()
-        if "batch_size" in state and was != now:
+        world = self._steps.dist.world_size
+        saved_world = state.get("world_size", world)
+        if saved_world != world:
+            if not isinstance(saved_world, int) or isinstance(saved_world, bool):
+                raise CheckpointError(f"the loader's world_size is {saved_world!r}, not a count")
+            if not self.world_invariant:
+                raise CheckpointMismatch(
+                    f"the checkpoint was written by {saved_world} process(es) and this run has "
+                    f"{world}: this loader's sampler splits the data by rank itself, so with "
+                    "another number of processes samples would be repeated or skipped; run it "
+                    f"on {saved_world} process(es) (stoker run --nproc {saved_world}), "
+                    f"{start_over}"
+                )
+            if (
+                not isinstance(was, int)
+                or not isinstance(now, int)
+                or was * saved_world != (now * world)
+            ):
+                fits = (was * saved_world / world) if isinstance(was, int) else None
+                advice = (
+                    f"resume with batch_size={fits:g} per process"
+                    if fits is not None and fits == int(fits)
+                    else f"resume on {saved_world} process(es)"
+                )
+                raise CheckpointMismatch(
+                    f"the loader was saved {where} by {saved_world} process(es) x batch_size="
+                    f"{was}; this run has {world} x batch_size={now}, another global batch, so "
+                    f"replaying the position would land on other samples; {advice}, {start_over}"
+                )
+        elif "batch_size" in state and was != now:
             raise CheckpointMismatch(
                 f"the loader was saved {where} with batch_size={was}; this one has "
                 f"batch_size={now}, so replaying the position would land on other samples; "

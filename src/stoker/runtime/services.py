@@ -57,6 +57,7 @@ class RunServices(StepListener):
         settings: dict[str, Any],
         rank: int,
         world_size: int,
+        sharded: bool = False,
     ) -> None:
         from stoker.checkpoint import CheckpointConfig
         from stoker.records import RecordConfig, start_run
@@ -83,6 +84,8 @@ class RunServices(StepListener):
                 world_size=world_size,
             )
         self.checkpoint_config = checkpoint
+        self.sharded = sharded
+        """Write the model and optimizers as shards (strategy='fsdp'), under the key "model"."""
         self.resume_from = resume
         self.checkpointer: Checkpointer | None = None
         self.state: dict[str, Any] | None = None
@@ -126,6 +129,8 @@ class RunServices(StepListener):
             self._checkpoint_dir(), self.checkpoint_config or CheckpointConfig()
         )
         self.checkpointer.before_save = self.run.flush_metrics  # see Checkpointer.before_save
+        if self.sharded:
+            self.checkpointer.sharded = "model"
         if self.resume_from == "never":
             return None
         if self.resume_from != "auto":

@@ -4,19 +4,21 @@ A resumed run continues the training it checkpointed only if what decides which 
 step sees is unchanged. That is refused, with :class:`~stoker.checkpoint.CheckpointMismatch`
 naming the saved and the current value and what to do:
 
-- ``world_size``: each process resumes its own data shard, RNG state and position; with
-  another number of processes the shards are cut differently (rank r of W sees samples
-  r, r+W, r+2W, ...), so some samples would be trained on twice and others never;
 - ``seed``: every epoch's data order is a function of (seed, epoch), so the saved position
   would be replayed in another order;
-- each loader's batch size and batches per epoch: checked by the loader itself
-  (:meth:`~stoker.runtime.prepared.PreparedLoader.check_state_dict`), since its position is
-  counted in batches.
+- each loader's global batch (batch size x processes) and batches per epoch: checked by the
+  loader itself (:meth:`~stoker.runtime.prepared.PreparedLoader.check_state_dict`), since its
+  position is counted in batches. The number of processes may change when the global batch
+  does not (2 processes x 4 -> 1 x 8): rank r of W takes samples r, r+W, ... of one order, so
+  a step sees the same samples. A loader whose own sampler splits the data by rank refuses it.
 
 Everything else may change and is handled exactly: ``device``, ``precision``, ``compile``,
-``accumulation_steps`` (the next accumulation window starts at the resumed step) and the user's
-own ``config`` (a new learning rate, say). The run continues from the checkpoint with the new
-values, and ``record.json`` says what changed (see :meth:`RunServices.attach`).
+``world_size`` (model and optimizer are stored whole or, under FSDP, as shards any number of
+processes reads; the processes that did not exist keep their own random state, so dropout masks
+differ from an uninterrupted run), ``accumulation_steps`` (the next accumulation window starts
+at the resumed step) and the user's own ``config`` (a new learning rate, say). The run continues
+from the checkpoint with the new values, and ``record.json`` says what changed (see
+:meth:`RunServices.attach`).
 
     >>> saved = RunSetup({"seed": 0, "world_size": 2, "precision": "fp32"}, {"lr": 0.1})
     >>> now = RunSetup({"seed": 0, "world_size": 2, "precision": "bf16"}, {"lr": 0.05})
@@ -33,19 +35,12 @@ from typing import Any
 
 __all__ = ["REFUSED", "RunSetup"]
 
-REFUSED = ("world_size", "seed")
+REFUSED = ("seed",)
 """Settings a resume may not change (see the module docstring)."""
 
 
 def _refusal(key: str, was: Any, now: Any) -> str:
     start_over = "or start over with resume='never' or a new run directory"
-    if key == "world_size":
-        return (
-            f"the checkpoint was written by {was} process(es) and this run has {now}: each "
-            "process resumes its own data shard and random state, and with another number of "
-            "processes the shards are cut differently, so samples would be repeated or skipped; "
-            f"run it on {was} process(es) (stoker run --nproc {was}), {start_over}"
-        )
     return (
         f"the checkpoint was written with seed={was!r} and this run has seed={now!r}: every "
         "epoch's data order follows the seed, so replaying the saved position would repeat "

@@ -107,6 +107,10 @@ class TrainingStep:
         self.params: list[nn.Parameter] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self.ddp_models: list[DistributedDataParallel] = []
+        self.fsdp_models: list[Any] = []  # FSDPModule roots
+        self.sharded = False
+        """Whether the gradients are DTensor shards (FSDP)."""
+        self._fsdp_sync = True  # what the FSDP models were last told by accumulate()
         self.micro_batch = MicroBatch(self)
         self._tokens: torch.Tensor | None = None  # this window's token count, on the device
         self._plain_backward = False  # a backward() without tokens= in this window
@@ -119,10 +123,23 @@ class TrainingStep:
         self._on_step_end: tuple[Callable[[int], None], ...] = ()
 
     # -- what the step covers ---------------------------------------------------------------
-    def add_model(self, model: nn.Module, ddp: DistributedDataParallel | None) -> None:
+    def add_model(
+        self, model: nn.Module, ddp: DistributedDataParallel | None, *, sharded: bool = False
+    ) -> None:
         self.params.extend(p for p in model.parameters() if p.requires_grad)
         if ddp is not None:
             self.ddp_models.append(ddp)
+        if sharded:
+            self.fsdp_models.append(model)
+            self.sharded = True
+
+    def gradient_sync(self, sync: bool) -> None:
+        """Tell the FSDP models whether this micro-batch reduce-scatters its gradients (the
+        window's last) or keeps accumulating them unsharded; only when that changes."""
+        if sync != self._fsdp_sync:
+            self._fsdp_sync = sync
+            for model in self.fsdp_models:
+                model.set_requires_gradient_sync(sync)
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizers.append(optimizer)
@@ -196,6 +213,8 @@ class TrainingStep:
             # global token count: grad = sum_ranks(g) / total = mean_ranks(g) * W / total.
             scale = self.dist.world_size / total.clamp_min(1.0)
             grads = [p.grad for p in self.params if p.grad is not None]
+            if self.sharded:  # FSDP averaged too; scale each process's own shard in place
+                grads = [g.to_local() for g in grads]  # type: ignore[attr-defined]
             if grads:
                 torch._foreach_mul_(grads, scale)
 
@@ -204,7 +223,10 @@ class TrainingStep:
         if not self.sync_gradients:
             return None
         self.finalize_gradients()
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, norm_type, foreach=True)
+        # Over DTensor shards the norm is a DTensor (already the global one): hand back a
+        # plain tensor, as without sharding.
+        return norm.full_tensor() if self.sharded else norm  # type: ignore[attr-defined]
 
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer, closure: Callable[[], float] | None = None
@@ -297,7 +319,11 @@ class MicroBatch:
 
     def __enter__(self) -> None:
         steps = self.steps
-        if steps.enter_accumulation() or not steps.ddp_models:
+        sync = steps.enter_accumulation()
+        if steps.fsdp_models:
+            steps.gradient_sync(sync)
+            return
+        if sync or not steps.ddp_models:
             return
         # Skip DDP's all-reduce on all but the window's last micro-batch.
         model = self.model

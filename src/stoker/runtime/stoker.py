@@ -23,20 +23,31 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from stoker.errors import StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
-from stoker.runtime.distributed import DistributedContext, barrier, init_distributed, shard_loader
+from stoker.runtime.distributed import (
+    DistributedContext,
+    barrier,
+    init_distributed,
+    is_rank_aware,
+    shard_loader,
+)
 from stoker.runtime.lifecycle import Lifecycle
 from stoker.runtime.listeners import DoctorListener, RanksListener, RecordListener
 from stoker.runtime.model import PreparedModel, unwrap_model
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
-from stoker.runtime.prepared import PreparedLoader, PreparedOptimizer, PreparedScheduler
+from stoker.runtime.prepared import (
+    PreparedLoader,
+    PreparedOptimizer,
+    PreparedScheduler,
+    order_seed,
+)
 from stoker.runtime.same_data import SameDataCheck
 from stoker.runtime.services import RESUME_CHOICES, RunServices
 from stoker.runtime.step import MicroBatch, TrainingStep
+from stoker.runtime.strategy import FSDPConfig, place_model, rebind_optimizer, resolve_strategy
 from stoker.runtime.tracked import TrackedState
 
 if TYPE_CHECKING:
@@ -97,6 +108,15 @@ class Stoker:
             what to change when the run ends, also written to ``doctor.json`` in the run
             directory (a :class:`~stoker.doctor.DoctorConfig` to tune, ``False`` or
             ``$STOKER_DOCTOR=0`` for none). Outside its window it costs nothing measurable.
+        strategy: how several processes hold the model: ``"auto"`` (replicated with
+            ``DistributedDataParallel``), ``"ddp"``, or ``"fsdp"``: sharded with FSDP2, each
+            process holding 1/N of the parameters, gradients and optimizer state (every
+            ``nn.ModuleList`` entry a unit of sharding; a :class:`FSDPConfig` to choose
+            others); checkpoints are then written as shards any number of processes can
+            resume from. See :mod:`stoker.runtime.strategy`.
+        activation_checkpointing: recompute each block's activations in the backward instead
+            of keeping them (less memory for about one more forward): ``True`` for every
+            ``nn.ModuleList`` entry, or module classes / ``fn(name, module)`` to choose.
 
     Example:
         >>> import torch
@@ -125,6 +145,8 @@ class Stoker:
         checkpoint: CheckpointConfig | int | None = None,
         resume: str | Path = "auto",
         doctor: DoctorConfig | bool = True,
+        strategy: str | FSDPConfig = "auto",
+        activation_checkpointing: Any = False,
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -136,6 +158,13 @@ class Stoker:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.policy = PrecisionPolicy(self.precision, self.device.type)
+        self.strategy, self._fsdp = resolve_strategy(strategy)
+        if self._fsdp is not None and self.precision == "fp16":
+            raise StokerError(
+                "strategy='fsdp' with precision='fp16' is not supported (it needs a sharded "
+                "grad scaler); use precision='bf16'"
+            )
+        self._checkpointing = activation_checkpointing
         if compile:
             _check_compile(self.device)
         self.compile = compile
@@ -158,10 +187,12 @@ class Stoker:
             settings=self.settings,
             rank=self.rank,
             world_size=self.world_size,
+            sharded=self._fsdp is not None,
         )
         self.resumed_from: int | None = None
         """The step this run resumed from, or None for a fresh start."""
         self._loaders: list[PreparedLoader] = []
+        self._renamed: dict[int, nn.Parameter] = {}
         self._tracked: TrackedState | None = None
         self._same_data: SameDataCheck | None = None
         self._closed = False
@@ -224,6 +255,7 @@ class Stoker:
             "accumulation_steps": self.accumulation_steps,
             "seed": self.seed,
             "world_size": self.world_size,
+            "strategy": self.strategy,
         }
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -274,16 +306,18 @@ class Stoker:
         prepared: list[Any] = [self._prepare_model(model)]
         for obj in objects:
             if isinstance(obj, torch.optim.Optimizer):
+                rebind_optimizer(obj, self._renamed)
                 self._steps.add_optimizer(obj)
                 prepared.append(PreparedOptimizer(obj, self._steps))
             elif isinstance(obj, DataLoader):
                 seed = self.seed if self.seed is not None else 0
                 loader = PreparedLoader(
-                    shard_loader(obj, self.dist, seed),
+                    shard_loader(obj, self.dist, order_seed(seed, 0)),
                     self.device,
                     self._steps,
                     seed=seed,
                     replayed=self.services.restore_rng_after_replay,
+                    world_invariant=not is_rank_aware(obj),
                 )
                 self._loaders.append(loader)
                 prepared.append(loader)
@@ -340,18 +374,22 @@ class Stoker:
                 "(keep using the model the first prepare() returned)"
             )
         model.to(self.device)
-        forward: nn.Module = model
-        ddp: DistributedDataParallel | None = None
-        if self.dist.enabled:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = ddp = DistributedDataParallel(model, device_ids=device_ids)
-        if self.compile:
-            forward = torch.compile(forward)  # type: ignore[assignment]
-        self._steps.add_model(model, ddp)
+        placed = place_model(
+            model,
+            fsdp=self._fsdp,
+            checkpointing=self._checkpointing,
+            dist=self.dist,
+            device=self.device,
+            mixed_precision="bf16" if self.precision == "bf16" else "fp32",
+            compile=self.compile,
+        )
+        self._renamed = placed.renamed
+        self._steps.add_model(model, placed.ddp, sharded=placed.sharded)
         return PreparedModel(
             model,
-            forward,
-            autocast_dtype=self.policy.autocast_dtype,
+            placed.forward,
+            # Sharded: FSDP's MixedPrecisionPolicy casts the parameters; no autocast.
+            autocast_dtype=None if placed.sharded else self.policy.autocast_dtype,
             device_type=self.device.type,
         )
 
