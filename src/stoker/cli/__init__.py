@@ -25,6 +25,7 @@ _SUBCOMMANDS = (
     "check_resume",
     "compress",
     "experiment",
+    "tune",
 )
 
 

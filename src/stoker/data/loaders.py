@@ -31,6 +31,7 @@ def mlm_loader(
     seed: int = 0,
     rank: int = 0,
     length_schedule: SequenceLengthWarmup | None = None,
+    num_workers: int = 0,
 ) -> DataLoader:
     """Rows of at most ``max_len`` tokens, packed into full rows or padded per batch, masked.
 
@@ -38,7 +39,8 @@ def mlm_loader(
     ``pad``: one row per chunk, padded to the longest row of its batch. The sampler's seed is
     the same on every rank (one plan, split over ranks); the masking seed differs per rank so
     ranks don't mask the same positions. ``length_schedule`` (``pack`` only): sequence-length
-    warm-up, short rows first (:mod:`stoker.data.seqlen`).
+    warm-up, short rows first (:mod:`stoker.data.seqlen`). ``num_workers``: DataLoader worker
+    processes.
     """
     rows: Any = chunk_documents(docs, max_len)  # a list is a map-style dataset
     mask_seed = seed * 1000 + rank
@@ -50,7 +52,7 @@ def mlm_loader(
         collate = MLMCollator(PackingCollator(packing), vocab_size=vocab_size, seed=mask_seed)
         if length_schedule is not None:  # the row length travels with each batch's documents
             rows = RowDocuments(rows)
-        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
+        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
     if length_schedule is not None:
         raise StokerError("mlm_loader(length_schedule=...) needs layout='pack'.")
     if layout != "pad":
@@ -58,7 +60,9 @@ def mlm_loader(
     collate = MLMCollator(
         functools.partial(pad_batch, max_len=max_len), vocab_size=vocab_size, seed=mask_seed
     )
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+    return DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers
+    )
 
 
 def model_inputs(batch: dict) -> dict:
