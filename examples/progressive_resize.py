@@ -1,7 +1,7 @@
 """Progressive resizing on generated images: small images first, full size at the end.
 
-    python examples/progressive_resize.py                  # plain vs progressive, a few minutes on 2 cores
-    python examples/progressive_resize.py --steps 20       # a smoke run
+    python examples/progressive_resize.py             # plain vs progressive, minutes on 2 cores
+    python examples/progressive_resize.py --steps 20  # a smoke run
 
 The images are made here (no download): 32x32 RGB pictures of one of four shapes (disc,
 square, horizontal bar, vertical bar) at a random place, size and colour on a noisy
