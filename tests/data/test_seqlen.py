@@ -92,6 +92,18 @@ def test_mid_schedule_resume_is_exact_through_a_dataloader():
     assert {t.shape[1] for t in taken} != {128}  # the resume point really was mid-schedule
 
 
+def test_row_length_survives_dataloader_workers():
+    lengths = _lengths(120)
+    docs = [np.ones(n, dtype=np.int64) for n in lengths]
+    sampler, cfg = _sampler(lengths, warmup=10)
+    loader = DataLoader(
+        RowDocuments(docs), batch_sampler=sampler, collate_fn=PackingCollator(cfg), num_workers=1
+    )
+    widths = [batch["input_ids"].shape[1] for batch in loader]
+    assert widths == [batch.row_len for (batch,) in sampler.plan(0)]
+    assert widths[0] < 128
+
+
 def test_errors_say_what_to_do():
     with pytest.raises(StokerError, match="bucket"):
         SequenceLengthWarmup(warmup_steps=5, bucket=0)

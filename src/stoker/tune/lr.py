@@ -10,9 +10,8 @@ steepest descent of the smoothed loss against log LR) is reported too.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,17 @@ class LRRangeResult:
         return out
 
 
+def _forever(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` again and again (re-iterated, not cached as ``itertools.cycle`` would)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise StokerError("find_lr got no batches; pass a non-empty iterable of batches.")
+
+
 def find_lr(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -100,7 +110,7 @@ def find_lr(
     lrs: list[float] = []
     losses: list[float] = []
     avg, best, stopped = 0.0, math.inf, "max_lr"
-    source = itertools.cycle(batches) if not hasattr(batches, "__next__") else batches
+    source = batches if isinstance(batches, Iterator) else _forever(batches)
     with preserved(model, optimizer), progress_bar("tune lr", enabled=progress) as bar:
         task = bar.add_task("lr", total=steps, note="")
         model.train()
@@ -112,7 +122,7 @@ def find_lr(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(next(source))  # type: ignore[call-overload]
+            loss = loss_fn(next(source))
             loss.backward()
             optimizer.step()
             value = float(loss.detach())
