@@ -102,6 +102,12 @@ def main(args: argparse.Namespace) -> int:
             f"descent at {lr.steepest:.2e}"
         )
         print(f"suggested one-cycle peak LR: {lr.suggestion:.3g}")
+        if lr.stopped == "time":
+            print(
+                f"stoker tune: the scan stopped at --max-seconds {args.max_seconds:g} before "
+                f"--max-lr {args.max_lr:g}: the suggestion only covers the LRs it reached; "
+                f"raise --max-seconds or lower --steps"
+            )
         found = {
             "lr": {
                 "suggestion": lr.suggestion,
