@@ -4,6 +4,7 @@
     python examples/train_mlm.py --steps 20            # a smoke run
     stoker run --nproc 2 examples/train_mlm.py         # the same loop on two processes
     stoker run --nproc 2 examples/train_mlm.py --strategy fsdp   # ... with the model sharded
+    python examples/train_mlm.py --recipe fast         # one-cycle + sequence-length warm-up
 
 A plain PyTorch loop: stoker appears in five places (Stoker, prepare, accumulate, backward,
 clip_grad_norm_). The corpus is one document per top-level definition of the stdlib; the
@@ -26,9 +27,10 @@ from stoker.checkpoint import CheckpointConfig
 from stoker.data.accounting import TokenCounter
 from stoker.data.loaders import mlm_loader, model_inputs
 from stoker.data.mlm import mlm_accuracy, mlm_loss, unigram_baseline
+from stoker.data.seqlen import SequenceLengthWarmup
 from stoker.data.tokenizer import load_token_documents, load_tokenizer
 from stoker.models import Encoder, EncoderConfig
-from stoker.schedules import warmup_cosine
+from stoker.schedules import one_cycle, warmup_cosine
 
 CALIBRATE = 20  # steps timed to fit the number of steps to --budget-minutes
 
@@ -72,7 +74,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=100, help="validation batches (0: all)")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress updates")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: only at the end)")
-    return p.parse_args(argv)
+    # Time to accuracy (benchmarks/time_to_accuracy.py): recipes and mid-training evaluation.
+    p.add_argument(
+        "--recipe",
+        default="plain",
+        choices=["plain", "fast"],
+        help="plain: warm-up + cosine at full length; fast: one-cycle + sequence-length "
+        "warm-up (exactly --steps: no --budget-minutes)",
+    )
+    p.add_argument("--schedule", choices=["cosine", "one-cycle"], help="LR schedule (by recipe)")
+    p.add_argument(
+        "--seq-warmup",
+        type=float,
+        default=None,
+        help="fraction of --steps with short rows (0: off; fast recipe: 0.3)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: end)")
+    p.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        help="stop once a --eval-every validation reaches this masked-token accuracy",
+    )
+    args = p.parse_args(argv)
+    fast = args.recipe == "fast"
+    if args.schedule is None:
+        args.schedule = "one-cycle" if fast else "cosine"
+    if args.seq_warmup is None:
+        args.seq_warmup = 0.3 if fast else 0.0
+    if args.schedule == "one-cycle" or args.seq_warmup > 0:
+        args.budget_minutes = 0.0  # both schedules are laid out over exactly --steps
+    return args
 
 
 @torch.no_grad()
@@ -97,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # FSDP warns that the encoder's logits are a view (an in-place op on them would skip its
     # backward hook); this loop never modifies them in place.
     warnings.filterwarnings("ignore", "FSDP2-wrapped module", UserWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stoker = Stoker(
         device=args.device,
         precision=args.precision,
@@ -116,8 +152,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_docs = load_token_documents("train", tokenizer=tokenizer, progress=stoker.is_main)
     val_docs = load_token_documents("validation", tokenizer=tokenizer, progress=stoker.is_main)
     shape = {"vocab_size": vocab_size, "max_len": args.max_len, "batch_size": args.batch_size}
+    seq_warmup = None
+    if args.seq_warmup > 0:  # short rows first, full length after that fraction of the steps
+        seq_warmup = SequenceLengthWarmup.from_fraction(args.seq_warmup, args.steps, start_len=32)
     train_loader = mlm_loader(
-        train_docs, **shape, layout=args.layout, seed=args.seed, rank=stoker.rank
+        train_docs,
+        **shape,
+        layout=args.layout,
+        seed=args.seed,
+        rank=stoker.rank,
+        length_schedule=seq_warmup,
+        num_workers=args.workers,
     )
     val_loader = mlm_loader(
         val_docs, **shape, layout=args.layout, shuffle=False, seed=1234, rank=stoker.rank
@@ -131,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # resumed run follows the same schedule).
     plan = {"steps": args.steps, "decided": args.budget_minutes <= 0 or args.steps <= 2 * CALIBRATE}
     warmup = min(args.warmup, args.steps // 10)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=lambda: plan["steps"])
+    if args.schedule == "one-cycle":
+        scheduler = one_cycle(optimizer, total_steps=args.steps)
+    else:
+        scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=lambda: plan["steps"])
     model, optimizer, train_loader, val_loader, scheduler = stoker.prepare(
         model, optimizer, train_loader, val_loader, scheduler=scheduler, state={"plan": plan}
     )
@@ -157,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ragged = TokenCounter()  # padding and rank imbalance, counted on the device
     seen = 0
     calibration: tuple[int, float] | None = None  # (step, time) the budget's timing starts at
+    evals: list[tuple[int, float, float]] = []  # (step, training seconds so far, accuracy)
+    eval_seconds = 0.0  # spent validating mid-training: not training time
     started = window_start = time.perf_counter()
     with progress:
         task = progress.add_task(
@@ -204,9 +254,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     progress.update(task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}")
                     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
                     window_start = time.perf_counter()
+                if args.eval_every and stoker.step % args.eval_every == 0:
+                    paused = time.perf_counter()
+                    accuracy, _ = evaluate(model, val_loader, stoker, args.eval_batches)
+                    evals.append((stoker.step, paused - started - eval_seconds, accuracy))
+                    eval_seconds += time.perf_counter() - paused
+                    window_start += time.perf_counter() - paused
+                    if args.target_accuracy is not None and accuracy >= args.target_accuracy:
+                        plan["steps"] = stoker.step  # reached: stop here
                 if stoker.step >= plan["steps"]:
                     break
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - eval_seconds
     data = ragged.summary()
     stoker.log({"padding_fraction": data.padding_fraction, "rank_imbalance": data.imbalance})
     if stoker.doctor is not None:
@@ -224,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "unigram_accuracy": baseline.accuracy,
         "unigram_loss": baseline.loss,
         "padding_fraction": data.padding_fraction,
+        "evals": evals,
     }
     console.print(
         f"validation masked-token accuracy {accuracy:.1%} (loss {val_loss:.3f}) vs unigram "

@@ -26,6 +26,7 @@ _SUBCOMMANDS = (
     "checkpoint",
     "compress",
     "experiment",
+    "tune",
 )
 
 

@@ -3,8 +3,9 @@
 Submodules, one concept each: ``corpus`` (documents, stable split), ``tokenizer`` (byte-level
 BPE, cached), ``mlm`` (fixed-shape masking, padding collator, loss), ``samplers``
 (length-grouped, token-budget and rank-balanced batch samplers), ``packing`` (documents packed
-into rows, block-diagonal attention), ``accounting`` (padding and
-rank-imbalance metrics), ``loaders`` (the MLM job's DataLoader).
+into rows, block-diagonal attention), ``seqlen`` (sequence-length warm-up), ``resize``
+(progressive resizing of images), ``accounting`` (padding and rank-imbalance metrics),
+``loaders`` (the MLM job's DataLoader).
 """
 
 from stoker.data.accounting import RaggedSummary, TokenCounter, summarize_counts, summarize_plan
@@ -18,7 +19,9 @@ from stoker.data.packing import (
     block_diagonal_mask,
     pack_rows,
 )
+from stoker.data.resize import ProgressiveResize
 from stoker.data.samplers import LengthGroupedBatchSampler, TokenBudgetBatchSampler
+from stoker.data.seqlen import RowDocuments, SequenceLengthWarmup
 from stoker.data.tokenizer import load_token_documents, load_tokenizer
 
 __all__ = [
@@ -29,7 +32,10 @@ __all__ = [
     "PackedBatchSampler",
     "PackingCollator",
     "PackingConfig",
+    "ProgressiveResize",
     "RaggedSummary",
+    "RowDocuments",
+    "SequenceLengthWarmup",
     "TokenBudgetBatchSampler",
     "TokenCounter",
     "block_diagonal_mask",

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stoker.data.samplers import Plan, PlannedBatchSampler
+from stoker.data.samplers import Plan, PlannedBatchSampler, epoch_rng
+from stoker.data.seqlen import RowBatch, SequenceLengthWarmup
 from stoker.data.tokenizer import PAD_ID
 from stoker.errors import StokerError
 
@@ -90,6 +91,19 @@ class PackingConfig:
                 f"PackingConfig.long_documents={self.long_documents!r}; valid choices: "
                 f"{', '.join(_LONG_DOCUMENTS)}."
             )
+
+    def at_row_len(self, row_len: int) -> PackingConfig:
+        """This layout with rows of ``row_len`` tokens and the same tokens per batch
+        (``rows * max_len // row_len`` rows; for sequence-length warm-up, see
+        :mod:`stoker.data.seqlen`)."""
+        if row_len == self.max_len:
+            return self
+        if not isinstance(row_len, int) or not 1 <= row_len <= self.max_len:
+            raise StokerError(
+                f"row_len={row_len!r} must be an int in [1, PackingConfig.max_len={self.max_len}]."
+            )
+        rows = None if self.rows is None else max(1, self.rows * self.max_len // row_len)
+        return PackingConfig(max_len=row_len, rows=rows, long_documents=self.long_documents)
 
     def rows_alone(self, length: int) -> int:
         """Rows one document of ``length`` tokens occupies when packed by itself."""
@@ -157,6 +171,11 @@ class PackingCollator:
     docstring's worked example. ``B = config.rows`` when set (empty rows are all padding), else
     the number of rows needed. Pass ``document_ids`` and ``position_ids`` to the model
     (``Encoder(input_ids, document_ids=..., position_ids=...)``), not an attention mask.
+
+    Documents that come as a :class:`~stoker.data.seqlen.RowBatch` with a ``row_len`` (from a
+    sampler with a sequence-length schedule, through
+    :class:`~stoker.data.seqlen.RowDocuments`) are packed into rows of that length, with the
+    same tokens per batch (:meth:`PackingConfig.at_row_len`).
     """
 
     def __init__(self, config: PackingConfig, *, pad_id: int = PAD_ID) -> None:
@@ -164,7 +183,8 @@ class PackingCollator:
         self.pad_id = pad_id
 
     def __call__(self, docs: Sequence[np.ndarray]) -> dict[str, Tensor]:
-        cfg = self.config
+        row_len = getattr(docs, "row_len", None)
+        cfg = self.config if row_len is None else self.config.at_row_len(row_len)
         t = cfg.max_len
         layout = pack_rows([len(d) for d in docs], cfg)
         b = cfg.rows if cfg.rows is not None else max(1, len(layout))
@@ -216,6 +236,13 @@ class PackedBatchSampler(PlannedBatchSampler):
         config: the layout; ``config.rows`` is required here.
         window: documents packed together (default 2048).
         seed, num_replicas, rank: see :class:`PlannedBatchSampler`.
+        length_schedule: sequence-length warm-up (:mod:`stoker.data.seqlen`): step ``s`` of
+            training packs rows of ``length_schedule.row_len(s, config.max_len)`` tokens, with
+            the same tokens per batch. Batches are then shuffled only among batches of the same
+            length, each epoch still hands out every document exactly once, and steps count
+            from the first epoch's first batch (an epoch's plan depends on the steps before
+            it). Batches are :class:`~stoker.data.seqlen.RowBatch` carrying their ``row_len``:
+            wrap the dataset in :class:`~stoker.data.seqlen.RowDocuments`. One process only.
     """
 
     def __init__(
@@ -227,6 +254,7 @@ class PackedBatchSampler(PlannedBatchSampler):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        length_schedule: SequenceLengthWarmup | None = None,
     ) -> None:
         if config.rows is None:
             raise StokerError(
@@ -238,15 +266,28 @@ class PackedBatchSampler(PlannedBatchSampler):
         self.config = config
         self.rows = config.rows
         self.window = window
-        need = [config.rows_alone(int(n)) for n in self.lengths]
-        worst = int(np.argmax(need))
-        if need[worst] > config.rows:
+        self.length_schedule = length_schedule
+        self._starts = [0]  # optimizer steps before epoch e (length schedule only)
+        if length_schedule is not None and self.num_replicas > 1:
             raise StokerError(
-                f"document {worst} has {int(self.lengths[worst])} tokens = {need[worst]} rows "
-                f"of {config.max_len} > PackingConfig.rows={config.rows}; raise rows, use "
-                f"long_documents='truncate', or cut documents first "
-                f"(stoker.data.mlm.chunk_documents)."
+                f"PackedBatchSampler(length_schedule=...) runs on one process; got "
+                f"num_replicas={self.num_replicas}. Drop the length schedule under data "
+                f"parallelism."
             )
+        lengths = [config.max_len]
+        if length_schedule is not None:
+            lengths = length_schedule.buckets(config.max_len)
+        for row_len in lengths:
+            cfg = config.at_row_len(row_len)
+            need = [cfg.rows_alone(int(n)) for n in self.lengths]
+            worst = int(np.argmax(need))
+            if cfg.rows is not None and need[worst] > cfg.rows:
+                raise StokerError(
+                    f"document {worst} has {int(self.lengths[worst])} tokens = {need[worst]} "
+                    f"rows of {cfg.max_len} > {cfg.rows} rows per batch; raise rows, use "
+                    f"long_documents='truncate', or cut documents first "
+                    f"(stoker.data.mlm.chunk_documents)."
+                )
 
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config
@@ -256,6 +297,13 @@ class PackedBatchSampler(PlannedBatchSampler):
             "rows": cfg.rows,
             "long_documents": cfg.long_documents,
             "window": self.window,
+            "length_schedule": None
+            if self.length_schedule is None
+            else [
+                self.length_schedule.warmup_steps,
+                self.length_schedule.start_len,
+                self.length_schedule.bucket,
+            ],
         }
 
     def _kept(self, docs: Sequence[int]) -> int:
@@ -269,7 +317,7 @@ class PackedBatchSampler(PlannedBatchSampler):
         return len(pack_rows(self.lengths[list(docs)].tolist(), self.config))
 
     def _window_batches(
-        self, items: list[int], last: bool
+        self, items: list[int], last: bool, config: PackingConfig | None = None
     ) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """Pack ``items``; group the rows into ``(rows used, documents)`` batches.
 
@@ -278,8 +326,10 @@ class PackedBatchSampler(PlannedBatchSampler):
         other rows of their split documents) and a last batch that is not full are not
         batched: their documents are returned, to be packed again with the next window.
         """
+        config = self.config if config is None else config
+        max_rows = int(config.rows or 1)
         lengths = self.lengths[items].tolist()
-        layout = pack_rows(lengths, self.config)
+        layout = pack_rows(lengths, config)
         # A split document's rows form one unit with the row holding its remainder.
         unit_of_row = list(range(len(layout)))
         first_row: dict[int, int] = {}
@@ -299,18 +349,18 @@ class PackedBatchSampler(PlannedBatchSampler):
         # Worth repacking: rows with more than 1/64 free among the last ones best fit opened
         # (they hold the smallest leftovers). Bounded, so a corpus that cannot fill rows does
         # not pile up into the last window.
-        slack = self.config.max_len // 64
-        tail_rows = len(layout) - 2 * self.rows
+        slack = config.max_len // 64
+        tail_rows = len(layout) - 2 * max_rows
         carry: list[int] = []
         batches: list[tuple[int, list[int]]] = []  # (rows used, local document indices)
         open_batches: list[int] = []  # indices of batches with a free row, in order
         for rows in units.values():  # first fit by rows, in row order
             least = min(sum(stop - start for _, start, stop in layout[r]) for r in rows)
-            if not last and rows[0] >= tail_rows and self.config.max_len - least > slack:
+            if not last and rows[0] >= tail_rows and config.max_len - least > slack:
                 carry.extend(docs_of(rows))
                 continue
             for k in open_batches:
-                if batches[k][0] + len(rows) <= self.rows:
+                if batches[k][0] + len(rows) <= max_rows:
                     break
             else:
                 batches.append((0, []))
@@ -318,9 +368,9 @@ class PackedBatchSampler(PlannedBatchSampler):
                 open_batches.append(k)
             used = batches[k][0] + len(rows)
             batches[k] = (used, batches[k][1] + docs_of(rows))
-            if used == self.rows:
+            if used == max_rows:
                 open_batches.remove(k)
-        if not last and batches and batches[-1][0] < self.rows:
+        if not last and batches and batches[-1][0] < max_rows:
             carry.extend(batches.pop()[1])
         empty = [d for d, n in enumerate(lengths) if n == 0]
         if empty:  # no rows, but they must still be handed out once
@@ -332,7 +382,52 @@ class PackedBatchSampler(PlannedBatchSampler):
             items[d] for d in sorted(carry)
         ]
 
-    def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
+    def _epoch_start(self, epoch: int) -> int:
+        """Optimizer steps before ``epoch`` (exact while the warm-up lasts: later, any count
+        past it gives the same full-length plan)."""
+        schedule = self.length_schedule
+        assert schedule is not None  # only called with a length schedule
+        while len(self._starts) <= epoch:
+            e, start = len(self._starts) - 1, self._starts[-1]
+            if start < schedule.warmup_steps:
+                start += len(self._scheduled_plan(epoch_rng(self.seed, e), start))
+            self._starts.append(start)
+        return self._starts[epoch]
+
+    def _scheduled_plan(self, rng: np.random.Generator, first_step: int) -> Plan:
+        """One process's epoch under the length schedule, its steps counted from
+        ``first_step``: windows are packed at the current step's length; when the length
+        changes, the window's documents not yet batched are packed again at the new length.
+        Batches are shuffled within each run of equal length, so lengths never go down."""
+        schedule = self.length_schedule
+        assert schedule is not None
+        n, max_len = len(self.lengths), self.config.max_len
+        order = rng.permutation(n).tolist()
+        runs: list[tuple[int, list[list[int]]]] = []  # (row length, batches)
+        carry: list[int] = []
+        pos, step = 0, first_step
+        while pos < n or carry:
+            row_len = schedule.row_len(step, max_len)
+            items = carry + order[pos : pos + self.window]
+            pos += self.window
+            batches, carry = self._window_batches(items, pos >= n, self.config.at_row_len(row_len))
+            if not runs or runs[-1][0] != row_len:
+                runs.append((row_len, []))
+            for k, (_, docs) in enumerate(batches):
+                if schedule.row_len(step, max_len) != row_len:  # pack the rest at the new one
+                    carry = [d for _, rest in batches[k:] for d in rest] + carry
+                    break
+                runs[-1][1].append(docs)
+                step += 1
+        plan: Plan = []
+        for row_len, run in runs:
+            for i in rng.permutation(len(run)):
+                plan.append([RowBatch(run[i], row_len)])
+        return plan
+
+    def _plan(self, rng: np.random.Generator, epoch: int) -> tuple[Plan, int]:
+        if self.length_schedule is not None:
+            return self._scheduled_plan(rng, self._epoch_start(epoch)), 0
         n, parts = len(self.lengths), self.num_replicas
         order = rng.permutation(n).tolist()
         full: list[list[int]] = []

@@ -86,6 +86,11 @@ def balanced_partition(
     return groups
 
 
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator an epoch is planned from: PCG64 seeded with ``SeedSequence([seed, epoch])``."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+
+
 def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_replicas is None:
@@ -146,14 +151,13 @@ class PlannedBatchSampler(Sampler[list[int]]):
         self._cache: tuple[int, Plan, int] | None = None  # (epoch, plan, repeated)
 
     # -- planning --------------------------------------------------------------------------
-    def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
-        """All ranks' batches for one epoch and the number of repeated samples."""
+    def _plan(self, rng: np.random.Generator, epoch: int) -> tuple[Plan, int]:
+        """All ranks' batches for ``epoch`` and the number of repeated samples."""
         raise NotImplementedError
 
     def _planned(self, epoch: int) -> tuple[Plan, int]:
         if self._cache is None or self._cache[0] != epoch:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-            plan, repeated = self._plan(rng)
+            plan, repeated = self._plan(epoch_rng(self.seed, epoch), epoch)
             self._cache = (epoch, plan, repeated)
         return self._cache[1], self._cache[2]
 
@@ -348,7 +352,7 @@ class LengthGroupedBatchSampler(PlannedBatchSampler):
             "drop_last": self.drop_last,
         }
 
-    def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
+    def _plan(self, rng: np.random.Generator, epoch: int) -> tuple[Plan, int]:
         n, parts = len(self.lengths), self.num_replicas
         step = self.batch_size * parts
         mega = n if self.mega_batch_factor is None else self.mega_batch_factor * step
@@ -406,7 +410,7 @@ class TokenBudgetBatchSampler(PlannedBatchSampler):
             "mega_batch_factor": self.mega_batch_factor,
         }
 
-    def _plan(self, rng: np.random.Generator) -> tuple[Plan, int]:
+    def _plan(self, rng: np.random.Generator, epoch: int) -> tuple[Plan, int]:
         lengths, parts = self.lengths, self.num_replicas
         cost = np.maximum(lengths, 1)  # an empty sample still occupies a row
         per_batch = max(1, self.max_tokens // max(1, int(cost.mean())))

@@ -1,0 +1,176 @@
+"""Finders: LR suggestion inside the scan and the model untouched; batch size survives OOM
+within its time bound; threads picks the measured best."""
+
+import time
+
+import pytest
+import torch
+
+from stoker.errors import StokerError
+from stoker.tune import find_batch_size, find_lr, find_threads, scale_lr
+
+
+def _regression(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    return model, batches
+
+
+def test_lr_suggestion_inside_the_scan_and_model_and_optimizer_restored():
+    model, batches = _regression()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # One real step first, so the optimizer has state (moments, step count) to preserve.
+    x, y = batches[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+
+    def loss_fn(batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    result = find_lr(
+        model, optimizer, loss_fn, batches, min_lr=1e-5, max_lr=10.0, steps=60, progress=False
+    )
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1]
+    assert result.lrs[0] <= result.steepest <= result.lrs[-1]
+    assert result.lrs == sorted(result.lrs) and result.lrs[0] == pytest.approx(1e-5)
+    assert result.stopped in ("max_lr", "diverged")
+    # The scan really trained: the loss it saw moved.
+    assert min(result.losses) < result.losses[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for k, v in optimizer.state[model[0].weight].items():
+        assert torch.equal(v, moments[k]), k
+    assert optimizer.param_groups[0]["lr"] == 3e-3
+
+
+def test_lr_plot_writes_a_png(tmp_path):
+    # matplotlib is in the test extra: without it this fails (the one-line error says so).
+    model, batches = _regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    result = find_lr(model, optimizer, loss_fn, batches, steps=20, progress=False)
+    out = result.plot(tmp_path / "lr.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_size_survives_simulated_oom_within_its_time_bound():
+    model, _ = _regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def step(size):
+        calls.append(size)
+        if size >= 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        # Per-step overhead plus per-sample work: throughput rises with the batch size.
+        time.sleep(0.004 + 0.0001 * size)
+        for p in model.parameters():
+            p.data.add_(0.01)
+
+    began = time.perf_counter()
+    result = find_batch_size(
+        step,
+        max_batch_size=256,
+        steps=2,
+        margin=0.0,
+        max_seconds=10.0,
+        base_batch_size=8,
+        base_lr=1e-3,
+        model=model,
+        optimizer=optimizer,
+        progress=False,
+    )
+    assert time.perf_counter() - began < 10.0
+    status = {t.batch_size: t.status for t in result.trials}
+    assert status[64] == "oom" and status[128] == "oom" and 128 not in calls
+    measured = [t for t in result.trials if t.samples_per_second is not None]
+    assert result.best == max(measured, key=lambda t: t.samples_per_second).batch_size
+    assert result.recommended == result.best  # margin 0
+    assert result.lr == pytest.approx(1e-3 * (result.recommended / 8) ** 0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+
+
+def test_batch_size_stops_at_the_time_bound_and_memory_budget():
+    def slow(size):
+        time.sleep(0.01 * size)
+
+    began = time.perf_counter()
+    result = find_batch_size(
+        slow, max_batch_size=1024, steps=1, warmup=0, max_seconds=0.5, min_gain=-1.0, progress=False
+    )
+    assert time.perf_counter() - began < 0.5
+    assert result.stopped == "time"
+    assert any(t.status == "time" for t in result.trials)
+
+    def hungry(size):
+        return bytearray(size * 2**20)  # ~1 MiB per sample, freed at once
+
+    result = find_batch_size(
+        hungry,
+        candidates=[1, 2, 4, 8, 64, 512],
+        steps=1,
+        warmup=0,
+        memory_budget=48 * 2**20,
+        min_gain=-1.0,
+        progress=False,
+    )
+    assert result.stopped == "memory budget"
+    assert {t.batch_size for t in result.trials if t.status == "memory budget"} >= {512}
+
+
+def test_recommendation_within_margin_and_lr_rules():
+    speeds = {1: 100.0, 2: 190.0, 4: 200.0, 8: 201.0}
+
+    def step(size):
+        time.sleep(size / speeds[size])
+
+    result = find_batch_size(
+        step, candidates=[1, 2, 4, 8], steps=1, warmup=0, margin=0.1, min_gain=-1.0, progress=False
+    )
+    fastest = max(result.trials, key=lambda t: t.samples_per_second)
+    assert result.best == fastest.batch_size
+    assert result.recommended <= result.best
+    chosen = next(t for t in result.trials if t.batch_size == result.recommended)
+    assert chosen.samples_per_second >= 0.9 * fastest.samples_per_second
+    assert scale_lr(1.0, 8, 32, "linear") == 4.0 and scale_lr(1.0, 8, 32, "sqrt") == 2.0
+    with pytest.raises(StokerError, match="valid choices"):
+        scale_lr(1.0, 8, 32, "cube")
+
+
+def test_threads_picks_the_measured_best_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    cost = {(1, 0): 0.03, (1, 1): 0.01, (2, 0): 0.02, (2, 1): 0.04}
+    seen = []
+
+    def make_steps(workers):
+        threads = torch.get_num_threads()
+        seen.append((threads, workers))
+        while True:
+            time.sleep(cost[(threads, workers)])
+            yield
+
+    result = find_threads(
+        make_steps,
+        threads=[1, 2],
+        workers=[0, 1],
+        steps=3,
+        warmup=1,
+        max_seconds=30,
+        progress=False,
+    )
+    assert sorted(seen) == sorted(cost)
+    measured = {(t.threads, t.workers): t.seconds_per_step for t in result.trials}
+    assert (result.threads, result.workers) == min(measured, key=measured.get)
+    assert (result.threads, result.workers) == (1, 1)
+    assert torch.get_num_threads() == before
