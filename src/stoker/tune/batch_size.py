@@ -10,7 +10,7 @@ grow linearly with the batch size, and a size predicted to exceed the budget is 
 
 The recommendation is the *smallest* size whose throughput is within ``margin`` of the best
 measured (a smaller batch takes more optimizer steps per sample, which usually helps accuracy
-per sample); with ``margin=0`` it is the fastest measured. The matching learning rate scales
+per sample); with ``margin=0`` (the default) it is the fastest measured. The matching learning rate scales
 with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
 Malladi et al. 2022) or ``"linear"`` (``lr * new / old``, for SGD, Goyal et al. 2017).
 """
@@ -118,7 +118,7 @@ def find_batch_size(
     max_batch_size: int = 1024,
     steps: int = 3,
     warmup: int = 2,
-    margin: float = 0.05,
+    margin: float = 0.0,
     min_gain: float = 0.03,
     memory_budget: int | None = None,
     max_seconds: float = 120.0,
