@@ -107,6 +107,9 @@ class MetricsLogger:
         self.last: dict[str, Any] = {}
         """The newest written value of each metric."""
         self.lines = 0
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
+        """Called with each line once it is resolved and written, on the writing thread (the
+        trackers, see :mod:`stoker.records.trackers`)."""
         self.lost = 0
         """Lines that could not be written (a full disk): dropped, not retried."""
         self.error: str | None = None
@@ -164,6 +167,7 @@ class MetricsLogger:
             if self._file.closed:
                 return
             lines = []
+            records = []
             while self._queue:
                 step, stamp, items = self._queue.popleft()
                 record: dict[str, Any] = {"step": step, "time": round(stamp, 3)}
@@ -174,8 +178,12 @@ class MetricsLogger:
                 if step is not None and (self.last_step is None or step > self.last_step):
                     self.last_step = step
                 lines.append(json.dumps(record, default=repr) + "\n")
+                records.append(record)
             if lines:
                 self._write(lines)
+            for sink in self.sinks:
+                for record in records:
+                    sink(record)
 
     def _write(self, lines: list[str]) -> None:
         # A partial line left by a failed write is ended first: it stays one unreadable

@@ -60,6 +60,7 @@ from stoker.records.record import (
     write_record,
 )
 from stoker.records.rundir import Claim, cannot_create, claim, resolve_run_dir
+from stoker.records.trackers import Tracker, TrackerFeed
 
 __all__ = ["RecordConfig", "Run", "start_run"]
 
@@ -168,6 +169,8 @@ class Run:
         self._claim = claimed  # released once the final record is written
         self._write_warned = False
         self._pid = os.getpid()
+        self._summaries: dict[str, Any] = {}
+        self._trackers: TrackerFeed | None = None
         if not self.enabled:
             return
         _watch_forks(self)
@@ -191,6 +194,20 @@ class Run:
         if self._metrics is not None and not self._done and os.getpid() == self._pid:
             self._metrics.flush()
 
+    def add_trackers(self, trackers: list[Tracker]) -> None:
+        """Send every metrics line, the config and the record to ``trackers`` too (from the
+        metrics writer's thread; see :mod:`stoker.records.trackers`)."""
+        if self._metrics is None or not trackers:
+            return
+        self._trackers = TrackerFeed(trackers, self.dir, self.record)
+        self._metrics.sinks.append(self._trackers)
+
+    def add_summary(self, key: str, value: Any) -> None:
+        """Keep ``value`` as ``summary[key]`` of ``record.json`` (e.g. the meters' summary);
+        written with the next heartbeat and the final status."""
+        with self._lock:
+            self._summaries[key] = jsonable(value)
+
     def update(self, **fields: Any) -> None:
         """Add or replace top-level fields of ``record.json`` (e.g. ``seeds=...``)."""
         if not self.enabled or os.getpid() != self._pid:
@@ -211,6 +228,7 @@ class Run:
             "lines": m.lines,
             "lines_lost": m.lost,  # > 0, or metrics_error set: metrics.jsonl is incomplete
             "metrics_error": m.error,
+            **self._summaries,
         }
 
     def _tick(self) -> None:
@@ -251,6 +269,8 @@ class Run:
                 }
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
+            if self._trackers is not None:
+                self._trackers.finish(self.record)
             self._write(f"the final status {status!r}", final=True)
         if self._claim is not None:
             self._claim.release()

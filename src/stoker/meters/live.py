@@ -1,0 +1,322 @@
+"""The live meters of a run: throughput, step time, data wait, achieved FLOP/s, MFU, memory.
+
+:class:`StepMeters` is a :class:`~stoker.runtime.step.StepListener` that a
+:class:`~stoker.Stoker` attaches on the main rank (``Stoker(meters=False)`` for none). What it
+does at each step end is a clock read, three stores into preallocated arrays and an integer
+comparison; every ``every_steps`` steps it writes one line of the window to ``metrics.jsonl``
+(through ``Stoker.log``'s writer, so a device-tensor token count is read off the training
+thread), and at the end of the run a summary into ``record.json`` (``summary.meters``).
+
+What each number is:
+
+- ``step_s_p50`` / ``step_s_p99``: wall-clock seconds between consecutive step ends (the whole
+  iteration: data, forward, backward, optimizer, the loop's own work). No device sync: on a
+  GPU a step end is when the host queued the step, and over a window that is the device's pace.
+- ``tokens_per_s``: the tokens given to ``stoker.backward(loss, tokens=n)`` (the tokens the
+  loss averages over: for a masked LM, the masked ones) or to :meth:`StepMeters.count_tokens`
+  (which replaces them: e.g. every input token), per second; of all ranks when ``tokens=``
+  is given under DDP (it is all-reduced for the gradient anyway), of this rank otherwise.
+- ``samples_per_s``: batches fetched from prepared loaders times their batch size (this rank).
+- ``data_wait_share``: the share of the window the loop spent in a prepared loader's fetch.
+- ``flops_per_s`` / ``mfu``: the FLOPs of one step of this rank over the step time, and that
+  over this device's peak for the dtype the run computes in (:func:`stoker.meters.peak_flops`:
+  measured on CPU, a dense data-sheet value on known GPUs). The FLOPs of a step are counted
+  once, with ``FlopCounterMode``, over what runs between the end of the first step this
+  process takes and the second step's optimizer step (its data, forward and backward; an
+  evaluation run in that stretch would count too), or given as
+  ``MetersConfig(flops_per_step=...)``. A compiled model is not counted (its fused kernels
+  bypass the counter): give ``flops_per_step`` to get MFU under ``compile=True``. Timing
+  starts at the end of the counted step, whose counting slows it.
+- ``peak_memory_mb``: the CUDA allocator's peak on a GPU, the process's peak RSS on a CPU.
+
+The first window line comes ``every_steps`` steps after timing starts; a run shorter than that
+writes no line, only the summary.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import flop_counter
+
+from stoker.errors import StokerError
+from stoker.meters import flops as _flops  # noqa: F401 (registers the CPU attention formulas)
+from stoker.meters.peak import PeakFlops, peak_flops
+from stoker.runtime.prepared import DataClock
+from stoker.runtime.step import StepListener, TrainingStep
+
+__all__ = ["MetersConfig", "StepMeters", "peak_memory"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class MetersConfig:
+    """How often the meters write a line, and what a step's FLOPs are."""
+
+    every_steps: int = 25
+    """Steps per ``metrics.jsonl`` line (each line covers that window)."""
+    flops_per_step: float | None = None
+    """FLOPs of one optimizer step of this rank; None: counted on the second step."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every_steps, int) or self.every_steps < 1:
+            raise StokerError(f"MetersConfig.every_steps={self.every_steps!r}: use an integer >= 1")
+        if self.flops_per_step is not None and not self.flops_per_step > 0:
+            raise StokerError(
+                f"MetersConfig.flops_per_step={self.flops_per_step!r}: give a positive number "
+                "of FLOPs or None to count them"
+            )
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """Peak memory in bytes so far and what it is: the CUDA allocator's peak on a GPU, the
+    process's peak resident set on a CPU (``getrusage``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return float(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def _quantiles(seconds: np.ndarray) -> tuple[float, float]:
+    p50, p99 = np.quantile(seconds, [0.5, 0.99])
+    return float(p50), float(p99)
+
+
+class StepMeters(StepListener):
+    """Meters one run's steps (see the module docstring for what each number is).
+
+    Args:
+        config: cadence and FLOPs.
+        steps: the training step (for the token count of the step that just ended).
+        clock: what the prepared loaders count (fetch time, samples).
+        device: where the run computes (for the peak and memory).
+        dtype: what its matrix products compute in: ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        count: whether the FLOPs may be counted on a step (False under ``torch.compile``).
+        write: where a window's line goes (``Stoker.log``: ``write(metrics, step)``).
+        record: where the run's summary goes when it ends (``record.json``), or None.
+    """
+
+    def __init__(
+        self,
+        config: MetersConfig,
+        *,
+        steps: TrainingStep,
+        clock: DataClock,
+        device: torch.device,
+        dtype: str,
+        count: bool,
+        write: Callable[[dict[str, Any], int], None],
+        record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.flops_per_step: float | None = config.flops_per_step
+        self.peak: PeakFlops | None = None
+        self.latest: dict[str, Any] = {}
+        """The last window's line (values may be device tensors: see :meth:`read`)."""
+        self._steps = steps
+        self._clock = clock
+        self._write = write
+        self._record = record
+        self._count = count and config.flops_per_step is None
+        self._counter: flop_counter.FlopCounterMode | None = None
+        self._counting = False  # the FLOPs of the current step are being counted
+        self._started = False  # timing started (after the first step, or the counted one)
+        self._user_tokens = False
+        # The window: step-end times, cumulative data wait and samples, token tensors.
+        n = self._every = config.every_steps
+        self._ends = [0.0] * n
+        self._waits = [0.0] * n
+        self._samples = [0] * n
+        self._tokens: list[torch.Tensor] = []
+        self._i = 0
+        self._origin = (0.0, 0.0, 0)  # time, wait, samples at the start of the window
+        self._first = (0.0, 0.0, 0)  # the same at the start of timing
+        self._durations = array.array("d")  # every timed step of the run, for the summary
+        self._token_windows: list[torch.Tensor] = []  # one sum per window, summed at close
+        self._timed_steps = 0
+        self._closed = False
+
+    # -- the hot path ---------------------------------------------------------------------
+    def on_step_end(self, step: int) -> None:
+        now = time.perf_counter()
+        if not self._started:
+            self._start(now)
+            return
+        i = self._i
+        clock = self._clock
+        self._ends[i] = now
+        self._waits[i] = clock.wait
+        self._samples[i] = clock.samples
+        if not self._user_tokens:
+            tokens = self._steps.last_tokens
+            if tokens is not None:
+                self._tokens.append(tokens)
+        i += 1
+        self._i = i
+        if i == self._every:
+            self._emit(step)
+
+    def count_tokens(self, tokens: torch.Tensor | int) -> None:
+        """Count ``tokens`` (a device tensor or an int) for this micro-batch's throughput,
+        instead of ``backward``'s ``tokens=`` (e.g. every input token of a masked LM, where
+        the loss averages over the masked ones). No sync: the reference is kept and summed
+        once per window."""
+        if not self._user_tokens:
+            self._user_tokens = True
+            self._tokens.clear()
+        if self._started:
+            if not isinstance(tokens, torch.Tensor):
+                tokens = torch.tensor(tokens, device=self.device)
+            self._tokens.append(tokens.detach())
+
+    # -- once ----------------------------------------------------------------------------
+    def _start(self, now: float) -> None:
+        """The first step end: the peak (measured once per machine and dtype, cached), then
+        either the FLOP counter over the next step or the start of timing."""
+        if self._counting:  # the end of the counted step
+            self._counting = False
+            self._stop_counting()  # (if the loop has no prepared optimizer to stop it)
+            now = time.perf_counter()
+        else:
+            if self._count or self.flops_per_step is not None:
+                self._resolve_peak()
+            if self._count:
+                self._counting = True
+                self._counter = flop_counter.FlopCounterMode(display=False)
+                self._counter.__enter__()
+                self._steps.before_optimizer = self._stop_counting
+                return
+        self._started = True
+        self._tokens.clear()
+        clock = self._clock
+        self._origin = self._first = (now, clock.wait, clock.samples)
+
+    def _stop_counting(self) -> None:
+        """The counted step's gradients are complete: its FLOPs are the forward's and the
+        backward's (an optimizer's elementwise update is not model FLOPs)."""
+        counter, self._counter = self._counter, None
+        self._steps.before_optimizer = None
+        if counter is not None:
+            counter.__exit__(None, None, None)
+            self.flops_per_step = float(counter.get_total_flops()) or None
+
+    def _resolve_peak(self) -> None:
+        try:
+            self.peak = peak_flops(self.device, self.dtype)
+        except StokerError as exc:
+            log.info("meters: no peak FLOP/s for %s %s: %s", self.device, self.dtype, exc)
+
+    # -- every window ---------------------------------------------------------------------
+    def _window(self, n: int) -> tuple[np.ndarray, float, float, int, torch.Tensor | None]:
+        """The last ``n`` steps: their durations, the wait, elapsed seconds, samples, tokens."""
+        t0, w0, s0 = self._origin
+        ends = np.asarray(self._ends[:n])
+        durations = np.diff(ends, prepend=t0)
+        elapsed = float(ends[-1] - t0)
+        wait = self._waits[n - 1] - w0
+        samples = self._samples[n - 1] - s0
+        tokens = None
+        if self._tokens:  # one stack and sum per window: the step only kept references
+            tokens = torch.stack(self._tokens).to(torch.float32).sum()
+        self._tokens.clear()
+        self._origin = (self._ends[n - 1], self._waits[n - 1], self._samples[n - 1])
+        self._i = 0
+        self._durations.extend(durations)
+        self._timed_steps += n
+        if tokens is not None:
+            self._token_windows.append(tokens)
+        return durations, wait, elapsed, samples, tokens
+
+    def _emit(self, step: int) -> None:
+        durations, wait, elapsed, samples, tokens = self._window(self._every)
+        p50, p99 = _quantiles(durations)
+        line: dict[str, Any] = {"step_s_p50": p50, "step_s_p99": p99}
+        if elapsed > 0:
+            if tokens is not None:
+                line["tokens_per_s"] = tokens / elapsed  # a device tensor: read off-thread
+            if samples:
+                line["samples_per_s"] = samples / elapsed
+            line["data_wait_share"] = wait / elapsed
+            line.update(self._utilization(len(durations) / elapsed))
+        line["peak_memory_mb"] = peak_memory(self.device)[0] / 2**20
+        self.latest = line
+        self._write(line, step)
+
+    def _utilization(self, steps_per_s: float) -> dict[str, float]:
+        if self.flops_per_step is None:
+            return {}
+        achieved = self.flops_per_step * steps_per_s
+        out = {"flops_per_s": achieved}
+        if self.peak is not None:
+            out["mfu"] = achieved / self.peak.flops
+        return out
+
+    # -- reading --------------------------------------------------------------------------
+    def read(self) -> dict[str, float]:
+        """The last window's numbers as floats (waits for the device if a token count is
+        still on it: call it at your logging cadence, not every step)."""
+        return {
+            k: float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+            for k, v in self.latest.items()
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The whole run's numbers (reads the token count from the device: at the end)."""
+        if self._i:  # the steps since the last line count in the summary too
+            self._window(self._i)
+        out: dict[str, Any] = {"timed_steps": self._timed_steps}
+        if self.flops_per_step is not None:
+            out["flops_per_step"] = self.flops_per_step
+            out["flops_counted"] = self.config.flops_per_step is None
+        if self.peak is not None:
+            out["peak_flops"] = self.peak.flops
+            out["peak"] = self.peak.describe()
+        out["dtype"] = self.dtype
+        memory, kind = peak_memory(self.device)
+        out["peak_memory_mb"] = memory / 2**20
+        out["memory"] = kind
+        if not self._timed_steps:
+            return out
+        t0, w0, s0 = self._first
+        t1, w1, s1 = self._origin
+        elapsed = t1 - t0
+        p50, p99 = _quantiles(np.frombuffer(self._durations, dtype=np.float64))
+        out.update(step_s_p50=p50, step_s_p99=p99, seconds=elapsed)
+        if elapsed > 0:
+            if self._token_windows:
+                tokens = float(torch.stack(self._token_windows).sum().item())
+                out["tokens"] = tokens
+                out["tokens_per_s"] = tokens / elapsed
+            if s1 > s0:
+                out["samples_per_s"] = (s1 - s0) / elapsed
+            out["data_wait_share"] = (w1 - w0) / elapsed
+            out.update(self._utilization(self._timed_steps / elapsed))
+        return out
+
+    def close(self, failed: BaseException | None) -> None:
+        """Stop a FLOP count still running (a run that ended within its first two steps);
+        hand the summary to ``record`` (a failed run's too: how fast it went until then)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_counting()
+        if self._record is None:
+            return
+        try:
+            summary = self.summary()
+        except Exception as exc:  # the meters must never turn a finished run into a failed one
+            log.warning("meters: no summary: %s", exc)
+            return
+        self._record(summary)
