@@ -9,7 +9,7 @@ import torch
 import stoker.meters.utilization
 from stoker.meters import DENSE_TFLOPS, count_flops, mfu, peak_flops
 from stoker.models import Encoder, EncoderConfig
-from stoker.records import read_metrics
+from stoker.records import MACHINE_METRICS, read_metrics
 
 
 def test_mlp_forward_and_backward_flops_are_exact():
@@ -153,6 +153,8 @@ def test_live_mfu_matches_a_direct_computation_and_never_exceeds_100_percent(tmp
     # one line per 5 timed steps: steps 7, 12, ..., 37 (timing starts at the end of step 2)
     assert [r["step"] for r in lines] == list(range(7, steps + 1, 5))
     assert all(0 < r["mfu"] <= 1.0 and r["tokens_per_s"] > 0 for r in lines)
+    # every key the meters log is a machine measurement `stoker reproduce` does not compare
+    assert {k for r in lines for k in r} - {"step", "time"} == MACHINE_METRICS
 
 
 def test_live_mfu_of_an_encoder_with_attention(tmp_path):

@@ -144,7 +144,7 @@ class StepMeters(StepListener):
         self._origin = (0.0, 0.0, 0)  # time, wait, samples at the start of the window
         self._first = (0.0, 0.0, 0)  # the same at the start of timing
         self._durations = array.array("d")  # every timed step of the run, for the summary
-        self._token_windows: list[torch.Tensor] = []  # one sum per window, summed at close
+        self._token_total: torch.Tensor | None = None  # on the device, one add per window
         self._timed_steps = 0
         self._closed = False
 
@@ -236,7 +236,8 @@ class StepMeters(StepListener):
         self._durations.extend(durations)
         self._timed_steps += n
         if tokens is not None:
-            self._token_windows.append(tokens)
+            total = self._token_total
+            self._token_total = tokens if total is None else total + tokens
         return durations, wait, elapsed, samples, tokens
 
     def _emit(self, step: int) -> None:
@@ -295,8 +296,8 @@ class StepMeters(StepListener):
         p50, p99 = _quantiles(np.frombuffer(self._durations, dtype=np.float64))
         out.update(step_s_p50=p50, step_s_p99=p99, seconds=elapsed)
         if elapsed > 0:
-            if self._token_windows:
-                tokens = float(torch.stack(self._token_windows).sum().item())
+            if self._token_total is not None:
+                tokens = float(self._token_total.item())
                 out["tokens"] = tokens
                 out["tokens_per_s"] = tokens / elapsed
             if s1 > s0:

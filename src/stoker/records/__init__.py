@@ -15,7 +15,7 @@
 
 from stoker.records.diff import RunDiff, diff_runs
 from stoker.records.listing import RunInfo, effective_status, find_run, list_runs
-from stoker.records.metrics import MetricsLogger, read_metrics
+from stoker.records.metrics import MACHINE_METRICS, MetricsLogger, read_metrics
 from stoker.records.record import read_record
 from stoker.records.reproduce import ReproduceResult, compare_metrics, reproduce
 from stoker.records.run import RecordConfig, Run, start_run
@@ -23,6 +23,7 @@ from stoker.records.rundir import RUN_DIR_ENV, RUNS_DIR_ENV, resolve_run_dir
 from stoker.records.trackers import TRACKERS, MLflowTracker, TensorBoardTracker, Tracker
 
 __all__ = [
+    "MACHINE_METRICS",
     "RUNS_DIR_ENV",
     "RUN_DIR_ENV",
     "TRACKERS",

@@ -48,9 +48,25 @@ import torch
 from stoker import safe_files
 from stoker.errors import StokerError
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MACHINE_METRICS", "MetricsLogger", "read_metrics"]
 
 _RESERVED = ("step", "time")
+
+MACHINE_METRICS = frozenset(
+    {
+        "step_s_p50",
+        "step_s_p99",
+        "tokens_per_s",
+        "samples_per_s",
+        "data_wait_share",
+        "flops_per_s",
+        "mfu",
+        "peak_memory_mb",
+    }
+)
+"""What the meters (:mod:`stoker.meters.live`) log: measurements of the machine (speed,
+memory), not of the model, so they differ between any two runs of the same code;
+``stoker reproduce`` leaves them out of its comparison."""
 
 
 class _Pending:
