@@ -271,3 +271,36 @@ def test_the_meters_step_end_is_a_few_list_stores(tmp_path):
     per_step = (time.perf_counter() - t0) / n
     assert lines == list(range(1001, n + 2, 1000))
     assert per_step < 20e-6, per_step  # ~1 µs on a quiet core; generous for shared ones
+
+
+def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
+    from stoker.meters import MetersConfig, PeakFlops, StepMeters, live
+    from stoker.runtime.prepared import DataClock
+
+    probes = []
+
+    def fake_peak(device, dtype, refresh=False):
+        probes.append(refresh)
+        return PeakFlops("cpu", dtype, 1e20 if refresh else 1.0, "probe" if refresh else "cache")
+
+    monkeypatch.setattr(live, "peak_flops", fake_peak)
+
+    class Steps:
+        last_tokens = None
+        before_optimizer = None
+
+    lines = []
+    meters = StepMeters(
+        MetersConfig(every_steps=3, flops_per_step=1e6),
+        steps=Steps(),
+        clock=DataClock(),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        count=False,
+        write=lambda line, step: lines.append(line),
+    )
+    for step in range(1, 11):
+        meters.on_step_end(step)
+    assert probes == [False, True]  # the cached 1 FLOP/s was beaten: probed again, once
+    assert all(0 < line["mfu"] <= 1.0 for line in lines)
+    assert 0 < meters.summary()["mfu"] <= 1.0

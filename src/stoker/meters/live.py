@@ -26,7 +26,8 @@ What each number is:
   evaluation run in that stretch would count too), or given as
   ``MetersConfig(flops_per_step=...)``. A compiled model is not counted (its fused kernels
   bypass the counter): give ``flops_per_step`` to get MFU under ``compile=True``. Timing
-  starts at the end of the counted step, whose counting slows it.
+  starts at the end of the counted step, whose counting slows it. A window faster than the
+  cached peak (a probe taken while other work shared the cores reads low) probes again, once.
 - ``peak_memory_mb``: the CUDA allocator's peak on a GPU, the process's peak RSS on a CPU.
 
 The first window line comes ``every_steps`` steps after timing starts; a run shorter than that
@@ -147,6 +148,7 @@ class StepMeters(StepListener):
         self._token_total: torch.Tensor | None = None  # on the device, one add per window
         self._timed_steps = 0
         self._closed = False
+        self._refreshed = False  # the peak was probed again (a window beat the cached one)
 
     # -- the hot path ---------------------------------------------------------------------
     def on_step_end(self, step: int) -> None:
@@ -250,10 +252,29 @@ class StepMeters(StepListener):
             if samples:
                 line["samples_per_s"] = samples / elapsed
             line["data_wait_share"] = wait / elapsed
+            if self._beats_peak(len(durations) / elapsed):
+                clock = self._clock  # the probe's seconds are not the next window's
+                self._origin = (time.perf_counter(), clock.wait, clock.samples)
             line.update(self._utilization(len(durations) / elapsed))
         line["peak_memory_mb"] = peak_memory(self.device)[0] / 2**20
         self.latest = line
         self._write(line, step)
+
+    def _beats_peak(self, steps_per_s: float) -> bool:
+        """A window faster than the peak means the cached probe read low (taken while other
+        work shared the cores): measure again, once per run, and keep the better (see
+        :func:`~stoker.meters.peak_flops`); True if it did (a second or so, on this thread)."""
+        peak, flops = self.peak, self.flops_per_step
+        if self._refreshed or peak is None or flops is None or flops * steps_per_s <= peak.flops:
+            return False
+        self._refreshed = True
+        log.info(
+            "meters: %.3g FLOP/s beats the peak %s; probing again",
+            flops * steps_per_s,
+            peak.describe(),
+        )
+        self.peak = peak_flops(self.device, self.dtype, refresh=True)
+        return True
 
     def _utilization(self, steps_per_s: float) -> dict[str, float]:
         if self.flops_per_step is None:
@@ -290,10 +311,11 @@ class StepMeters(StepListener):
         out["memory"] = kind
         if not self._timed_steps:
             return out
-        t0, w0, s0 = self._first
-        t1, w1, s1 = self._origin
-        elapsed = t1 - t0
-        p50, p99 = _quantiles(np.frombuffer(self._durations, dtype=np.float64))
+        _, w0, s0 = self._first
+        _, w1, s1 = self._origin
+        durations = np.frombuffer(self._durations, dtype=np.float64)
+        elapsed = float(durations.sum())  # the timed steps' seconds (not a re-probe's)
+        p50, p99 = _quantiles(durations)
         out.update(step_s_p50=p50, step_s_p99=p99, seconds=elapsed)
         if elapsed > 0:
             if self._token_total is not None:
