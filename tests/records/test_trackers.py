@@ -114,3 +114,27 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, capsys):
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
     err = capsys.readouterr().err
     assert err.count("tracker 'broken' failed in log") == 1 and "server down" in err
+
+
+def test_a_run_without_metrics_still_starts_and_finishes_its_trackers(tmp_path):
+    calls = []
+
+    class Recording:
+        name = "recording"
+
+        def start(self, run_dir, record):
+            calls.append(("start", record["status"]))
+
+        def log(self, step, stamp, metrics):
+            calls.append(("log", step))
+
+        def finish(self, record):
+            calls.append(("finish", record["status"]))
+
+    stoker = Stoker(
+        device="cpu",
+        record=RecordConfig(directory=tmp_path / "run", save_code=False),
+        trackers=[Recording()],
+    )
+    stoker.close()
+    assert calls == [("start", "finished"), ("finish", "finished")]

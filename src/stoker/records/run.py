@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -199,8 +200,12 @@ class Run:
         metrics writer's thread; see :mod:`stoker.records.trackers`)."""
         if self._metrics is None or not trackers:
             return
-        self._trackers = TrackerFeed(trackers, self.dir, self.record)
+        self._trackers = TrackerFeed(trackers, self.dir, self._record_copy)
         self._metrics.sinks.append(self._trackers)
+
+    def _record_copy(self) -> dict[str, Any]:
+        with self._lock:  # the training thread may be updating it
+            return copy.deepcopy(self.record)
 
     def add_summary(self, key: str, value: Any) -> None:
         """Keep ``value`` as ``summary[key]`` of ``record.json`` (e.g. the meters' summary);
@@ -269,9 +274,9 @@ class Run:
                 }
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
-            if self._trackers is not None:
-                self._trackers.finish(self.record)
             self._write(f"the final status {status!r}", final=True)
+        if self._trackers is not None:  # (outside the lock: a tracker starting reads the record)
+            self._trackers.finish(self._record_copy())
         if self._claim is not None:
             self._claim.release()
 

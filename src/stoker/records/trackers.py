@@ -85,11 +85,12 @@ def _tags(record: Mapping[str, Any]) -> dict[str, str]:
         "stoker.run_id": record.get("id"),
         "stoker.name": record.get("name"),
         "stoker.command": " ".join(command.get("argv") or []),
-        "stoker.git_commit": git.get("commit") if isinstance(git, Mapping) else None,
+        "stoker.git_revision": git.get("revision") if isinstance(git, Mapping) else None,
+        "stoker.git_dirty": git.get("dirty") if isinstance(git, Mapping) else None,
         "stoker.host": host.get("hostname") if isinstance(host, Mapping) else None,
         "stoker.started": record.get("started"),
     }
-    return {k: str(v) for k, v in tags.items() if v}
+    return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
 
 
 def _params(record: Mapping[str, Any]) -> dict[str, str]:
@@ -218,10 +219,15 @@ class TrackerFeed:
     """Feeds resolved metrics lines to trackers; a tracker that raises is dropped, once, with
     one warning line (``metrics.jsonl`` has everything)."""
 
-    def __init__(self, trackers: Sequence[Tracker], run_dir: Path, record: Mapping[str, Any]):
+    def __init__(
+        self,
+        trackers: Sequence[Tracker],
+        run_dir: Path,
+        record: Callable[[], Mapping[str, Any]],
+    ) -> None:
         self.trackers = list(trackers)
         self.run_dir = run_dir
-        self._record = record
+        self._record = record  # a copy of the run record as of now (taken under its lock)
         self._started = False
 
     def _call(self, what: str, call: Callable[[Tracker], None]) -> None:
@@ -240,7 +246,8 @@ class TrackerFeed:
     def _start(self) -> None:
         if not self._started:
             self._started = True
-            self._call("start", lambda t: t.start(self.run_dir, self._record))
+            record = self._record()
+            self._call("start", lambda t: t.start(self.run_dir, record))
 
     def __call__(self, line: Mapping[str, Any]) -> None:
         """One resolved ``metrics.jsonl`` line (``step``, ``time`` and the values)."""
