@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     scheduler.step()
                     optimizer.zero_grad()
                 loss_sum, predicted = loss_sum + loss.detach() * n, predicted + n
-                tokens = tokens + batch["valid"].sum()
+                valid = batch["valid"].sum()
+                tokens = tokens + valid
                 if stoker.meters is not None:  # the meters' tokens/s: input tokens, not masked
-                    stoker.meters.count_tokens(batch["valid"].sum())
+                    stoker.meters.count_tokens(valid)
                 ragged.update(batch)
                 if not stoker.sync_gradients:
                     continue
@@ -186,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     seen += window_tokens
                     speed = window_tokens / (time.perf_counter() - window_start)
                     loss_avg = stoker.reduce(loss_sum, "sum") / stoker.reduce(predicted, "sum")
-                    # tokens/s (this rank's) and MFU from stoker's meters, once they have a window
+                    # tokens/s and MFU from stoker's meters once they have a window (the meters
+                    # count the main rank's tokens: with several processes, all ranks' above)
                     meters = stoker.meters.read() if stoker.meters is not None else {}
-                    speed = meters.get("tokens_per_s", speed)
+                    if stoker.world_size == 1:
+                        speed = meters.get("tokens_per_s", speed)
                     mfu = f"{meters['mfu']:.1%}" if "mfu" in meters else "-"
                     progress.update(
                         task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}", mfu=mfu

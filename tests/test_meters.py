@@ -304,3 +304,32 @@ def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
     assert probes == [False, True]  # the cached 1 FLOP/s was beaten: probed again, once
     assert all(0 < line["mfu"] <= 1.0 for line in lines)
     assert 0 < meters.summary()["mfu"] <= 1.0
+
+
+def test_a_failing_window_never_stops_training(caplog):
+    from stoker.errors import StokerError
+    from stoker.meters import MetersConfig, StepMeters
+    from stoker.runtime.prepared import DataClock
+
+    class Steps:
+        last_tokens = None
+        before_optimizer = None
+
+    def broken(line, step):
+        raise OSError("disk gone")
+
+    meters = StepMeters(
+        MetersConfig(every_steps=2, flops_per_step=1.0),
+        steps=Steps(),
+        clock=DataClock(),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        count=False,
+        write=broken,
+    )
+    with caplog.at_level("WARNING"):
+        for step in range(1, 12):
+            meters.on_step_end(step)
+    assert sum("could not be measured: disk gone" in r.message for r in caplog.records) == 1
+    with pytest.raises(StokerError, match="one count"):
+        meters.count_tokens(torch.ones(3))

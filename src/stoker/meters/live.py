@@ -149,6 +149,7 @@ class StepMeters(StepListener):
         self._timed_steps = 0
         self._closed = False
         self._refreshed = False  # the peak was probed again (a window beat the cached one)
+        self._failed = False  # a window failed to be measured (warned once)
 
     # -- the hot path ---------------------------------------------------------------------
     def on_step_end(self, step: int) -> None:
@@ -168,7 +169,14 @@ class StepMeters(StepListener):
         i += 1
         self._i = i
         if i == self._every:
-            self._emit(step)
+            try:
+                self._emit(step)
+            except Exception as exc:  # a meter must never stop the training it measures
+                self._i = 0
+                self._tokens.clear()
+                if not self._failed:
+                    self._failed = True
+                    log.warning("meters: a window could not be measured: %s", exc)
 
     def count_tokens(self, tokens: torch.Tensor | int) -> None:
         """Count ``tokens`` (a device tensor or an int) for this micro-batch's throughput,
@@ -178,10 +186,15 @@ class StepMeters(StepListener):
         if not self._user_tokens:
             self._user_tokens = True
             self._tokens.clear()
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor(tokens, device=self.device)
+        elif tokens.numel() != 1:  # (numel is metadata: no sync)
+            raise StokerError(
+                f"count_tokens() takes one count (an int or a one-element tensor), got a "
+                f"tensor of shape {tuple(tokens.shape)}; pass its .sum()"
+            )
         if self._started:
-            if not isinstance(tokens, torch.Tensor):
-                tokens = torch.tensor(tokens, device=self.device)
-            self._tokens.append(tokens.detach())
+            self._tokens.append(tokens.detach().reshape(()))
 
     # -- once ----------------------------------------------------------------------------
     def _start(self, now: float) -> None:
