@@ -42,6 +42,7 @@ from stoker import Stoker
 from stoker.bench import Bench, Candidate, autorange, bench_parser
 from stoker.checkpoint import Manifest
 from stoker.doctor import Finding, Report
+from stoker.meters import MetersConfig
 from stoker.records import RecordConfig, read_metrics, read_record, start_run
 from stoker.report import write_report
 
@@ -105,12 +106,15 @@ def meters_overhead(bench: Bench, root: Path) -> dict[str, float]:
     for workload in ("mlp", "mlm"):
         off, stoker_off = metered_step(workload, False, root)
         on, stoker_on = metered_step(workload, True, root)
-        number = autorange(off)
+        # A sample covers at least one meters window (25 steps), so the window's line is paid
+        # in every sample, not left to the one median-hidden sample it falls in.
+        number = max(autorange(off), MetersConfig().every_steps)
         result = bench.compare(
             f"meters on vs off, {workload} step (fp32)",
             [Candidate("meters off", off), Candidate("meters on", on)],
             baseline="meters off",
             number=number,
+            repeats=None if args.quick else max(args.repeats, 20),
         )
         ratios[workload] = result["meters on"].ratio
         assert stoker_on.meters is not None and stoker_off.meters is None

@@ -94,6 +94,8 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
         Stoker(device="cpu", record=False, trackers=["mlflow"])
     with pytest.raises(StokerError, match="not known; choose from"):
         Stoker(device="cpu", trackers=["wandb"])
+    with pytest.raises(StokerError, match="record=False"):
+        Stoker(device="cpu", record=False, trackers=["tensorboard"])
 
 
 def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, capsys):
