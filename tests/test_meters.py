@@ -261,7 +261,7 @@ def test_the_meters_step_end_is_a_few_list_stores(tmp_path):
         device=torch.device("cpu"),
         dtype="fp32",
         count=False,
-        write=lambda line, step: lines.append(step),
+        write=lambda compute, step: lines.append(step),
     )
     meters.on_step_end(1)  # timing starts
     n = 20_000
@@ -297,7 +297,7 @@ def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
         device=torch.device("cpu"),
         dtype="fp32",
         count=False,
-        write=lambda line, step: lines.append(line),
+        write=lambda compute, step: lines.append(compute()),
     )
     for step in range(1, 11):
         meters.on_step_end(step)

@@ -37,11 +37,13 @@ writes no line, only the summary.
 from __future__ import annotations
 
 import array
+import collections
 import logging
 import resource
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +90,39 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return float(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
 
 
-def _quantiles(seconds: np.ndarray) -> tuple[float, float]:
-    p50, p99 = np.quantile(seconds, [0.5, 0.99])
-    return float(p50), float(p99)
+def _quantiles(seconds: Sequence[float]) -> tuple[float, float]:
+    """p50 and p99 of ``seconds``, interpolated linearly between order statistics (numpy's
+    default); in plain Python for a window (a few µs for 25 values, numpy's ~50 µs)."""
+    ordered = sorted(seconds)
+    last = len(ordered) - 1
+
+    def at(q: float) -> float:
+        position = q * last
+        lo = int(position)
+        hi = min(lo + 1, last)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+    return at(0.5), at(0.99)
+
+
+_MAX_PENDING = 64  # windows kept for read() / summary() when no writer computes them first
+
+
+class _Window:
+    """One window's raw numbers, as the training thread hands them over; ``line`` once
+    computed."""
+
+    __slots__ = ("ends", "line", "samples", "start", "tokens", "wait")
+
+    def __init__(
+        self, start: float, ends: list[float], wait: float, samples: int, tokens: list[Any]
+    ) -> None:
+        self.start = start
+        self.ends = ends
+        self.wait = wait
+        self.samples = samples
+        self.tokens = tokens
+        self.line: dict[str, Any] | None = None
 
 
 class StepMeters(StepListener):
@@ -103,7 +135,9 @@ class StepMeters(StepListener):
         device: where the run computes (for the peak and memory).
         dtype: what its matrix products compute in: ``"fp32"``, ``"bf16"``, ``"fp16"``.
         count: whether the FLOPs may be counted on a step (False under ``torch.compile``).
-        write: where a window's line goes (``Stoker.log``: ``write(metrics, step)``).
+        write: where a window's line goes: ``write(compute, step)`` queues a line whose
+            metrics ``compute()`` returns on the metrics writer's thread (``Run.log_later``);
+            None: no file (:meth:`read` and :meth:`summary` still work).
         record: where the run's summary goes when it ends (``record.json``), or None.
     """
 
@@ -116,7 +150,7 @@ class StepMeters(StepListener):
         device: torch.device,
         dtype: str,
         count: bool,
-        write: Callable[[dict[str, Any], int], None],
+        write: Callable[[Callable[[], dict[str, Any]], int], None] | None,
         record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
@@ -143,10 +177,14 @@ class StepMeters(StepListener):
         self._tokens: list[torch.Tensor] = []
         self._i = 0
         self._origin = (0.0, 0.0, 0)  # time, wait, samples at the start of the window
-        self._first = (0.0, 0.0, 0)  # the same at the start of timing
-        self._durations = array.array("d")  # every timed step of the run, for the summary
+        # Windows handed over, computed in order by whichever thread comes first: the metrics
+        # writer (its line), read(), summary(); the run's totals, for the summary.
+        self._pending: collections.deque[_Window] = collections.deque()
+        self._lock = threading.Lock()
+        self._durations = array.array("d")  # every timed step of the run
         self._token_total: torch.Tensor | None = None  # on the device, one add per window
-        self._timed_steps = 0
+        self._wait_total = 0.0
+        self._samples_total = 0
         self._closed = False
         self._refreshed = False  # the peak was probed again (a window beat the cached one)
         self._failed = False  # a window failed to be measured (warned once)
@@ -216,7 +254,7 @@ class StepMeters(StepListener):
         self._started = True
         self._tokens.clear()
         clock = self._clock
-        self._origin = self._first = (now, clock.wait, clock.samples)
+        self._origin = (now, clock.wait, clock.samples)
 
     def _stop_counting(self) -> None:
         """The counted step's gradients are complete: its FLOPs are the forward's and the
@@ -233,45 +271,30 @@ class StepMeters(StepListener):
         except StokerError as exc:
             log.info("meters: no peak FLOP/s for %s %s: %s", self.device, self.dtype, exc)
 
-    # -- every window ---------------------------------------------------------------------
-    def _window(self, n: int) -> tuple[np.ndarray, float, float, int, torch.Tensor | None]:
-        """The last ``n`` steps: their durations, the wait, elapsed seconds, samples, tokens."""
-        t0, w0, s0 = self._origin
-        ends = np.asarray(self._ends[:n])
-        durations = np.diff(ends, prepend=t0)
-        elapsed = float(ends[-1] - t0)
-        wait = self._waits[n - 1] - w0
-        samples = self._samples[n - 1] - s0
-        tokens = None
-        if self._tokens:  # one stack and sum per window: the step only kept references
-            tokens = torch.stack(self._tokens).to(torch.float32).sum()
-        self._tokens.clear()
-        self._origin = (self._ends[n - 1], self._waits[n - 1], self._samples[n - 1])
-        self._i = 0
-        self._durations.extend(durations)
-        self._timed_steps += n
-        if tokens is not None:
-            total = self._token_total
-            self._token_total = tokens if total is None else total + tokens
-        return durations, wait, elapsed, samples, tokens
-
+    # -- every window: the hand-over (training thread) --------------------------------------
     def _emit(self, step: int) -> None:
-        durations, wait, elapsed, samples, tokens = self._window(self._every)
-        p50, p99 = _quantiles(durations)
-        line: dict[str, Any] = {"step_s_p50": p50, "step_s_p99": p99}
-        if elapsed > 0:
-            if tokens is not None:
-                line["tokens_per_s"] = tokens / elapsed  # a device tensor: read off-thread
-            if samples:
-                line["samples_per_s"] = samples / elapsed
-            line["data_wait_share"] = wait / elapsed
-            if self._beats_peak(len(durations) / elapsed):
-                clock = self._clock  # the probe's seconds are not the next window's
-                self._origin = (time.perf_counter(), clock.wait, clock.samples)
-            line.update(self._utilization(len(durations) / elapsed))
-        line["peak_memory_mb"] = peak_memory(self.device)[0] / 2**20
-        self.latest = line
-        self._write(line, step)
+        """Hand the window's raw numbers over: a list copy and a queued closure here; its
+        statistics are computed on the metrics writer's thread (:meth:`_process`)."""
+        window = self._take(self._i)
+        self._pending.append(window)
+        if self._write is not None:
+            self._write(lambda: self._line_of(window), step)
+        if len(self._pending) >= _MAX_PENDING:  # no writer (record=False) and nobody reading
+            self._drain()
+
+    def _take(self, n: int) -> _Window:
+        """The last ``n`` steps as a window; the next one starts at their end."""
+        t0, w0, s0 = self._origin
+        ends = self._ends[:n]
+        wait, samples = self._waits[n - 1], self._samples[n - 1]
+        tokens, self._tokens = self._tokens, []
+        window = _Window(t0, ends, wait - w0, samples - s0, tokens)
+        self._origin = (ends[-1], wait, samples)
+        self._i = 0
+        if self._beats_peak(n / (ends[-1] - t0)):
+            clock = self._clock  # the probe's seconds are not the next window's
+            self._origin = (time.perf_counter(), clock.wait, clock.samples)
+        return window
 
     def _beats_peak(self, steps_per_s: float) -> bool:
         """A window faster than the peak means the cached probe read low (taken while other
@@ -281,13 +304,45 @@ class StepMeters(StepListener):
         if self._refreshed or peak is None or flops is None or flops * steps_per_s <= peak.flops:
             return False
         self._refreshed = True
-        log.info(
-            "meters: %.3g FLOP/s beats the peak %s; probing again",
-            flops * steps_per_s,
-            peak.describe(),
-        )
+        log.info("meters: %.3g FLOP/s beat the peak %s", flops * steps_per_s, peak.describe())
         self.peak = peak_flops(self.device, self.dtype, refresh=True)
         return True
+
+    # -- every window: the statistics (any thread, in order) ---------------------------------
+    def _line_of(self, window: _Window) -> dict[str, Any]:
+        with self._lock:
+            while window.line is None and self._pending:
+                self._process(self._pending.popleft())
+        return window.line or {}
+
+    def _drain(self) -> None:
+        with self._lock:
+            while self._pending:
+                self._process(self._pending.popleft())
+
+    def _process(self, w: _Window) -> None:
+        """The window's line, and the run's totals (under ``_lock``). No host sync: a token
+        count on the device stays there (the metrics writer reads it)."""
+        durations = [b - a for a, b in zip([w.start, *w.ends[:-1]], w.ends, strict=True)]
+        elapsed = w.ends[-1] - w.start
+        p50, p99 = _quantiles(durations)
+        line: dict[str, Any] = {"step_s_p50": p50, "step_s_p99": p99}
+        tokens = torch.stack(w.tokens).to(torch.float32).sum() if w.tokens else None
+        if elapsed > 0:
+            if tokens is not None:
+                line["tokens_per_s"] = tokens / elapsed
+            if w.samples:
+                line["samples_per_s"] = w.samples / elapsed
+            line["data_wait_share"] = w.wait / elapsed
+            line.update(self._utilization(len(durations) / elapsed))
+        line["peak_memory_mb"] = peak_memory(self.device)[0] / 2**20
+        w.line = self.latest = line
+        self._durations.extend(durations)
+        self._wait_total += w.wait
+        self._samples_total += w.samples
+        if tokens is not None:
+            total = self._token_total
+            self._token_total = tokens if total is None else total + tokens
 
     def _utilization(self, steps_per_s: float) -> dict[str, float]:
         if self.flops_per_step is None:
@@ -302,6 +357,7 @@ class StepMeters(StepListener):
     def read(self) -> dict[str, float]:
         """The last window's numbers as floats (waits for the device if a token count is
         still on it: call it at your logging cadence, not every step)."""
+        self._drain()
         return {
             k: float(v.item()) if isinstance(v, torch.Tensor) else float(v)
             for k, v in self.latest.items()
@@ -310,8 +366,10 @@ class StepMeters(StepListener):
     def summary(self) -> dict[str, Any]:
         """The whole run's numbers (reads the token count from the device: at the end)."""
         if self._i:  # the steps since the last line count in the summary too
-            self._window(self._i)
-        out: dict[str, Any] = {"timed_steps": self._timed_steps}
+            self._pending.append(self._take(self._i))
+        self._drain()
+        durations = np.frombuffer(self._durations, dtype=np.float64)
+        out: dict[str, Any] = {"timed_steps": len(durations)}
         if self.flops_per_step is not None:
             out["flops_per_step"] = self.flops_per_step
             out["flops_counted"] = self.config.flops_per_step is None
@@ -322,23 +380,20 @@ class StepMeters(StepListener):
         memory, kind = peak_memory(self.device)
         out["peak_memory_mb"] = memory / 2**20
         out["memory"] = kind
-        if not self._timed_steps:
+        if not len(durations):
             return out
-        _, w0, s0 = self._first
-        _, w1, s1 = self._origin
-        durations = np.frombuffer(self._durations, dtype=np.float64)
         elapsed = float(durations.sum())  # the timed steps' seconds (not a re-probe's)
-        p50, p99 = _quantiles(durations)
+        p50, p99 = (float(q) for q in np.quantile(durations, [0.5, 0.99]))
         out.update(step_s_p50=p50, step_s_p99=p99, seconds=elapsed)
         if elapsed > 0:
             if self._token_total is not None:
                 tokens = float(self._token_total.item())
                 out["tokens"] = tokens
                 out["tokens_per_s"] = tokens / elapsed
-            if s1 > s0:
-                out["samples_per_s"] = (s1 - s0) / elapsed
-            out["data_wait_share"] = (w1 - w0) / elapsed
-            out.update(self._utilization(self._timed_steps / elapsed))
+            if self._samples_total:
+                out["samples_per_s"] = self._samples_total / elapsed
+            out["data_wait_share"] = self._wait_total / elapsed
+            out.update(self._utilization(len(durations) / elapsed))
         return out
 
     def close(self, failed: BaseException | None) -> None:

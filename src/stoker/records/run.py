@@ -188,6 +188,11 @@ class Run:
         if self._metrics is not None and not self._done:
             self._metrics.log(metrics, step)
 
+    def log_later(self, compute: Callable[[], Mapping[str, Any]], step: int | None) -> None:
+        """A line whose metrics ``compute()`` returns on the writer thread (the meters')."""
+        if self._metrics is not None and not self._done:
+            self._metrics.log_later(compute, step)
+
     def flush_metrics(self) -> None:
         """Write every metric queued so far, now, on the calling thread. It waits for the
         device values among them (a host-device sync): for a checkpoint, which waits for the

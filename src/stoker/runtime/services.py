@@ -17,7 +17,7 @@ through the data pipeline before the random generators are put back to their sav
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +111,15 @@ class RunServices(StepListener):
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step)
+
+    @property
+    def writes_metrics(self) -> bool:
+        """Whether this process writes ``metrics.jsonl`` (the main rank of a recorded run)."""
+        return self.run is not None and self.run.enabled
+
+    def log_later(self, compute: Callable[[], dict[str, Any]], step: int) -> None:
+        if self.run is not None:
+            self.run.log_later(compute, step)
 
     def summarize_meters(self, summary: dict[str, Any]) -> None:
         """The meters' summary, into ``record.json`` (``summary.meters``)."""

@@ -456,7 +456,7 @@ class Stoker:
             device=self.device,
             dtype=dtype,
             count=not self.compile,
-            write=self.services.log,
+            write=self.services.log_later if self.services.writes_metrics else None,
             record=self.services.summarize_meters,
         )
         self._steps.add_listener(self.meters)
