@@ -1,4 +1,5 @@
-"""The HTML report of a long run: writing it, and opening it in a headless browser.
+"""The HTML report of a long run: writing it, and opening it in a headless browser; and what
+the live meters that feed it cost per training step.
 
 A synthetic run directory with ``--steps`` (100,000) logged steps (loss, lr, tokens/s and MFU
 every step, val_loss every 1,000), a kill and a resume half-way (the re-logged steps are in
@@ -10,13 +11,19 @@ doctor's ``Report``). Two comparisons, each against a same-run baseline:
   least any reader of the run pays). Target: < 5 s.
 - ``open``: the report opened in Debian's chromium (Playwright, network cut off) until every
   chart is laid out, against opening a blank page. Target: < 2 s.
+- ``meters``: one training step through a ``Stoker`` with the meters on (the default: a line
+  every 25 steps into a real run directory) against the same step with ``meters=False``,
+  interleaved in the same run, on the tiny MLP and the MLM step of ``overhead.py`` (fp32, the
+  MLM passing ``tokens=``). Target: on / off <= 1.01.
 
     python benchmarks/report.py            # full run
-    python benchmarks/report.py --quick    # smoke test (the same 100k steps, fewer rounds)
+    python benchmarks/report.py --quick    # smoke test (the same 100k steps, fewer rounds;
+                                           # a smaller MLM batch for the meters)
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -24,15 +31,19 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from stoker.bench import Bench, Candidate, bench_parser
+from stoker import Stoker
+from stoker.bench import Bench, Candidate, autorange, bench_parser
 from stoker.checkpoint import Manifest
 from stoker.doctor import Finding, Report
-from stoker.records import RecordConfig, read_metrics, start_run
+from stoker.meters import MetersConfig
+from stoker.records import RecordConfig, read_metrics, read_record, start_run
 from stoker.report import write_report
 
 parser = bench_parser("Writing and opening the HTML report of a 100k-step run.", repeats=10)
@@ -43,6 +54,78 @@ args = parser.parse_args()
 if args.steps < 10:
     parser.error(f"--steps {args.steps}: use at least 10 logged steps")
 WRITE_TARGET_S, OPEN_TARGET_S = 5.0, 2.0
+METERS_TARGET = 1.01  # per-step time with the meters on / off
+
+
+def metered_step(workload: str, meters: bool, root: Path) -> tuple[Callable[[], None], Stoker]:
+    """One training step of ``workload`` (``overhead.py``'s) through a Stoker recording into
+    ``root``, with the meters on or off; every candidate gets the same weights and batch."""
+    from overhead import mlm_workload, mlp_workload, optimizer_for
+
+    from stoker.data.mlm import mlm_loss
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    if workload == "mlp":
+        wl = mlp_workload(cpu)
+    else:
+        seq, batch = (64, 8) if args.quick else (128, 32)
+        wl = mlm_workload(cpu, preset="tiny", seq=seq, batch_size=batch, vocab=8192)
+    stoker = Stoker(
+        device="cpu",
+        precision="fp32",
+        doctor=False,
+        meters=meters,
+        record=RecordConfig(
+            directory=root / f"{workload}-{'on' if meters else 'off'}",
+            save_code=False,
+            tee_console=False,
+        ),
+    )
+    model = copy.deepcopy(wl.model)
+    model, optimizer = stoker.prepare(model, optimizer_for(model))
+    forward, batch = wl.forward, wl.batch
+
+    def step() -> None:
+        out = forward(model, batch)
+        if workload == "mlm":
+            loss, n = mlm_loss(out, batch["labels"])
+            stoker.backward(loss, tokens=n)
+        else:
+            stoker.backward(wl.loss(out, batch))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(3):  # past the meters' FLOP-counted second step, before any timing
+        step()
+    return step, stoker
+
+
+def meters_overhead(bench: Bench, root: Path) -> dict[str, float]:
+    ratios = {}
+    for workload in ("mlp", "mlm"):
+        off, stoker_off = metered_step(workload, False, root)
+        on, stoker_on = metered_step(workload, True, root)
+        # A sample covers at least one meters window (25 steps), so the window's line is paid
+        # in every sample, not left to the one median-hidden sample it falls in.
+        number = max(autorange(off), MetersConfig().every_steps)
+        result = bench.compare(
+            f"meters on vs off, {workload} step (fp32)",
+            [Candidate("meters off", off), Candidate("meters on", on)],
+            baseline="meters off",
+            number=number,
+            repeats=None if args.quick else max(args.repeats, 20),
+        )
+        ratios[workload] = result["meters on"].ratio
+        assert stoker_on.meters is not None and stoker_off.meters is None
+        stoker_on.close()
+        stoker_off.close()
+        summary = read_record(root / f"{workload}-on")["summary"]["meters"]
+        mfu = summary.get("mfu")
+        if mfu is not None and not mfu <= 1.0:
+            raise SystemExit(f"MFU {mfu:.1%} > 100% on the {workload} step: a wrong peak or count")
+        bench.meta[f"meters_{workload}_mfu"] = mfu
+    return ratios
 
 
 def make_run(root: Path, steps: int) -> Path:
@@ -109,6 +192,7 @@ try:
     blank.write_text("<!DOCTYPE html><html><body></body></html>")
     lines = (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
     bench = Bench.from_args("report", args, meta={"steps": args.steps, "metric_lines": lines})
+    meters = meters_overhead(bench, tmp / "meters")
 
     write = bench.compare(
         f"write the report of a {args.steps:,}-step run ({lines:,} metric lines)",
@@ -156,8 +240,15 @@ try:
         table.add_column(col, justify="left" if not col else "right")
     table.add_row("write", f"{write_s:.2f} s", f"< {WRITE_TARGET_S:.0f} s", str(write_s < 5))
     table.add_row("open", f"{open_s:.2f} s", f"< {OPEN_TARGET_S:.0f} s", str(open_s < 2))
+    for workload, ratio in meters.items():
+        met = ratio <= METERS_TARGET
+        table.add_row(f"meters {workload}", f"{ratio:.3f}x", f"<= {METERS_TARGET}x", str(met))
     Console(width=120).print(table)
-    bench.meta["targets_met"] = {"write": write_s < WRITE_TARGET_S, "open": open_s < OPEN_TARGET_S}
+    bench.meta["targets_met"] = {
+        "write": write_s < WRITE_TARGET_S,
+        "open": open_s < OPEN_TARGET_S,
+        **{f"meters_{w}": r <= METERS_TARGET for w, r in meters.items()},
+    }
     bench.save()
 finally:
     if args.keep:

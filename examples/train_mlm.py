@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
         TimeRemainingColumn(),
         console=console,
         disable=not stoker.is_main,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     started = window_start = time.perf_counter()
     with progress:
         task = progress.add_task(
-            "train", total=plan["steps"], completed=stoker.step, loss="-", speed="-"
+            "train", total=plan["steps"], completed=stoker.step, loss="-", speed="-", mfu="-"
         )
         while stoker.step < plan["steps"]:
             for batch in train_loader:
@@ -223,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     scheduler.step()
                     optimizer.zero_grad()
                 loss_sum, predicted = loss_sum + loss.detach() * n, predicted + n
-                tokens = tokens + batch["valid"].sum()
+                valid = batch["valid"].sum()
+                tokens = tokens + valid
+                if stoker.meters is not None:  # the meters' tokens/s: input tokens, not masked
+                    stoker.meters.count_tokens(valid)
                 ragged.update(batch)
                 if not stoker.sync_gradients:
                     continue
@@ -251,7 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     seen += window_tokens
                     speed = window_tokens / (time.perf_counter() - window_start)
                     loss_avg = stoker.reduce(loss_sum, "sum") / stoker.reduce(predicted, "sum")
-                    progress.update(task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}")
+                    # tokens/s and MFU from stoker's meters once they have a window (the meters
+                    # count the main rank's tokens: with several processes, all ranks' above)
+                    meters = stoker.meters.read() if stoker.meters is not None else {}
+                    if stoker.world_size == 1:
+                        speed = meters.get("tokens_per_s", speed)
+                    mfu = f"{meters['mfu']:.1%}" if "mfu" in meters else "-"
+                    progress.update(
+                        task, loss=f"{loss_avg.item():.3f}", speed=f"{speed:,.0f}", mfu=mfu
+                    )
                     loss_sum = predicted = tokens = torch.zeros((), device=stoker.device)
                     window_start = time.perf_counter()
                 if args.eval_every and stoker.step % args.eval_every == 0:

@@ -9,6 +9,7 @@ import torch
 import stoker.meters.utilization
 from stoker.meters import DENSE_TFLOPS, count_flops, mfu, peak_flops
 from stoker.models import Encoder, EncoderConfig
+from stoker.records import MACHINE_METRICS, read_metrics
 
 
 def test_mlp_forward_and_backward_flops_are_exact():
@@ -71,3 +72,264 @@ def test_mfu_doc_and_errors():
     assert doctest.testmod(stoker.meters.utilization).failed == 0
     with pytest.raises(Exception, match="step_seconds > 0"):
         mfu(1.0, 0.0, 1.0)
+
+
+# -- the live meters of a Stoker run ---------------------------------------------------------
+
+
+def _run_mlp(
+    tmp_path, steps, *, meters=None, batch=64, d=(256, 512, 256), loader_delay=0.0, slept=None
+):
+    """A Stoker run of an MLP through a prepared loader: the stoker, wall-clock seconds from
+    the end of the meters' counted step (the second) to the end, and the run directory."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from stoker import Stoker
+    from stoker.meters import MetersConfig
+    from stoker.records import RecordConfig
+
+    class Rows(Dataset):
+        def __len__(self):
+            return steps * batch
+
+        def __getitem__(self, i):
+            if loader_delay and i % batch == 0:
+                t0 = time.perf_counter()
+                time.sleep(loader_delay)
+                slept.append(time.perf_counter() - t0)
+            return torch.full((d[0],), float(i % 7)), i % d[-1]
+
+    torch.manual_seed(0)
+    stoker = Stoker(
+        device="cpu",
+        precision="fp32",
+        meters=meters or MetersConfig(every_steps=5),
+        record=RecordConfig(directory=tmp_path / "run", save_code=False, flush_seconds=0.01),
+    )
+    layers = [torch.nn.Linear(d[0], d[1]), torch.nn.ReLU(), torch.nn.Linear(d[1], d[2])]
+    model = torch.nn.Sequential(*layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loader = DataLoader(Rows(), batch_size=batch)
+    model, optimizer, loader = stoker.prepare(model, optimizer, loader)
+    started = None
+    for x, y in loader:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        stoker.backward(loss, tokens=torch.tensor(batch))
+        optimizer.step()
+        optimizer.zero_grad()
+        if stoker.step == 2:
+            started = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    stoker.close()
+    return stoker, elapsed, tmp_path / "run"
+
+
+def _mlp_step_flops(batch, d):
+    # forward 2*B*(d0*d1 + d1*d2); backward: weight grads of both layers (2*B*d0*d1, 2*B*d1*d2)
+    # and the hidden activation's grad (2*B*d1*d2); the input needs no grad.
+    forward = 2 * batch * (d[0] * d[1] + d[1] * d[2])
+    return forward + 2 * batch * d[0] * d[1] + 2 * 2 * batch * d[1] * d[2]
+
+
+def test_live_mfu_matches_a_direct_computation_and_never_exceeds_100_percent(tmp_path):
+    from stoker.records import read_record
+
+    batch, d, steps = 64, (256, 512, 256), 40
+    stoker, elapsed, run_dir = _run_mlp(tmp_path, steps, batch=batch, d=d)
+    meters = stoker.meters
+    assert meters is not None and meters.peak is not None
+    flops = _mlp_step_flops(batch, d)
+    assert meters.flops_per_step == flops  # counted on a real step, exactly the formula
+    summary = read_record(run_dir)["summary"]["meters"]
+    assert summary["timed_steps"] == steps - 2 and summary["flops_counted"] is True
+    direct = flops * (steps - 2) / elapsed / meters.peak.flops
+    assert 0 < summary["mfu"] <= 1.0
+    assert summary["mfu"] == pytest.approx(direct, rel=0.10), (summary, direct)
+    assert summary["tokens"] == batch * (steps - 2)
+    assert summary["tokens_per_s"] == pytest.approx(summary["samples_per_s"], rel=1e-6)
+    assert summary["step_s_p50"] <= summary["step_s_p99"]
+    assert summary["peak_memory_mb"] > 0 and summary["memory"] == "process peak RSS"
+    lines = [r for r in read_metrics(run_dir / "metrics.jsonl") if "mfu" in r]
+    # one line per 5 timed steps: steps 7, 12, ..., 37 (timing starts at the end of step 2)
+    assert [r["step"] for r in lines] == list(range(7, steps + 1, 5))
+    assert all(0 < r["mfu"] <= 1.0 and r["tokens_per_s"] > 0 for r in lines)
+    # every key the meters log is a machine measurement `stoker reproduce` does not compare
+    assert {k for r in lines for k in r} - {"step", "time"} == MACHINE_METRICS
+
+
+def test_live_mfu_of_an_encoder_with_attention(tmp_path):
+    from stoker import Stoker
+    from stoker.meters import MetersConfig
+
+    cfg = EncoderConfig.preset("tiny", vocab_size=500, max_len=64)
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (4, 64))
+    reference = Encoder(cfg)
+
+    def step(model):
+        model(ids).float().logsumexp(-1).mean().backward()
+
+    expected = count_flops(lambda: step(reference))
+    stoker = Stoker(device="cpu", precision="fp32", record=False, meters=MetersConfig())
+    model = stoker.prepare(Encoder(cfg))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for i in range(12):
+        step(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        stoker.step_done()
+        if i == 1:
+            started = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    meters = stoker.meters
+    assert meters is not None and meters.peak is not None
+    assert meters.flops_per_step == expected  # attention (the CPU SDPA kernel) included
+    summary = meters.summary()
+    direct = expected * 10 / elapsed / meters.peak.flops
+    assert 0 < summary["mfu"] <= 1.0
+    assert summary["mfu"] == pytest.approx(direct, rel=0.10), (summary, direct)
+    stoker.close()
+
+
+def test_data_wait_share_sees_a_slow_loader(tmp_path):
+    from stoker.meters import MetersConfig
+
+    slept = []
+    stoker, _, _ = _run_mlp(
+        tmp_path,
+        12,
+        meters=MetersConfig(every_steps=4),
+        batch=8,
+        d=(8, 8, 8),
+        loader_delay=0.02,
+        slept=slept,
+    )
+    summary = stoker.meters.summary()
+    # the fetches of the 10 timed steps (3..12) slept this share of the timed seconds at least
+    share = sum(slept[2:12]) / summary["seconds"]
+    assert share > 0.2, (share, summary)  # 20 ms sleeps against sub-ms steps
+    assert share <= summary["data_wait_share"] <= 1.0, (share, summary)
+    assert summary["samples_per_s"] == pytest.approx(8 * 10 / summary["seconds"])
+
+
+def test_given_flops_per_step_and_count_tokens(tmp_path):
+    from stoker import Stoker
+    from stoker.meters import MetersConfig
+
+    stoker = Stoker(
+        device="cpu", precision="fp32", record=False, meters=MetersConfig(flops_per_step=1e6)
+    )
+    model = stoker.prepare(torch.nn.Linear(4, 4))
+    for _ in range(6):
+        stoker.backward(model(torch.randn(3, 4)).sum(), tokens=torch.tensor(3))
+        stoker.meters.count_tokens(torch.tensor(10))  # instead of backward's 3
+        stoker.step_done()
+    summary = stoker.meters.summary()
+    # flops given: timing starts at the end of the first step; 5 timed steps of 10 tokens
+    assert summary["timed_steps"] == 5 and summary["tokens"] == 50
+    assert summary["flops_per_step"] == 1e6 and summary["flops_counted"] is False
+
+
+def test_meters_off_and_bad_input(tmp_path):
+    from stoker import Stoker
+    from stoker.errors import StokerError
+    from stoker.meters import MetersConfig
+
+    stoker = Stoker(device="cpu", precision="fp32", record=False, meters=False)
+    stoker.prepare(torch.nn.Linear(2, 2))
+    assert stoker.meters is None
+    with pytest.raises(StokerError, match="meters='yes'"):
+        Stoker(device="cpu", record=False, meters="yes")
+    with pytest.raises(StokerError, match="every_steps=0"):
+        MetersConfig(every_steps=0)
+
+
+def test_the_meters_step_end_is_a_few_list_stores(tmp_path):
+    """The per-step work: no tensor op, no allocation beyond list stores (design for <= 1%
+    of a step; benchmarks/report.py measures the ratio on real steps)."""
+    from stoker.meters import MetersConfig, StepMeters
+    from stoker.runtime.prepared import DataClock
+
+    class Steps:
+        last_tokens = torch.tensor(5.0)
+
+    lines = []
+    meters = StepMeters(
+        MetersConfig(every_steps=1000, flops_per_step=1.0),
+        steps=Steps(),
+        clock=DataClock(),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        count=False,
+        write=lambda compute, step: lines.append(step),
+    )
+    meters.on_step_end(1)  # timing starts
+    n = 20_000
+    t0 = time.perf_counter()
+    for step in range(2, n + 2):
+        meters.on_step_end(step)
+    per_step = (time.perf_counter() - t0) / n
+    assert lines == list(range(1001, n + 2, 1000))
+    assert per_step < 20e-6, per_step  # ~1 µs on a quiet core; generous for shared ones
+
+
+def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
+    from stoker.meters import MetersConfig, PeakFlops, StepMeters, live
+    from stoker.runtime.prepared import DataClock
+
+    probes = []
+
+    def fake_peak(device, dtype, refresh=False):
+        probes.append(refresh)
+        return PeakFlops("cpu", dtype, 1e20 if refresh else 1.0, "probe" if refresh else "cache")
+
+    monkeypatch.setattr(live, "peak_flops", fake_peak)
+
+    class Steps:
+        last_tokens = None
+        before_optimizer = None
+
+    lines = []
+    meters = StepMeters(
+        MetersConfig(every_steps=3, flops_per_step=1e6),
+        steps=Steps(),
+        clock=DataClock(),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        count=False,
+        write=lambda compute, step: lines.append(compute()),
+    )
+    for step in range(1, 11):
+        meters.on_step_end(step)
+    assert probes == [False, True]  # the cached 1 FLOP/s was beaten: probed again, once
+    assert all(0 < line["mfu"] <= 1.0 for line in lines)
+    assert 0 < meters.summary()["mfu"] <= 1.0
+
+
+def test_a_failing_window_never_stops_training(caplog):
+    from stoker.errors import StokerError
+    from stoker.meters import MetersConfig, StepMeters
+    from stoker.runtime.prepared import DataClock
+
+    class Steps:
+        last_tokens = None
+        before_optimizer = None
+
+    def broken(line, step):
+        raise OSError("disk gone")
+
+    meters = StepMeters(
+        MetersConfig(every_steps=2, flops_per_step=1.0),
+        steps=Steps(),
+        clock=DataClock(),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        count=False,
+        write=broken,
+    )
+    with caplog.at_level("WARNING"):
+        for step in range(1, 12):
+            meters.on_step_end(step)
+    assert sum("could not be measured: disk gone" in r.message for r in caplog.records) == 1
+    with pytest.raises(StokerError, match="one count"):
+        meters.count_tokens(torch.ones(3))

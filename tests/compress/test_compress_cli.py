@@ -18,7 +18,14 @@ def test_compress_writes_the_model_and_the_table(run_dir, capsys):
     assert [r["name"] for r in rows] == ["fp32", "bf16", "structured-50% + int8-static"]
     assert rows[2]["params"] < rows[0]["params"]
     assert rows[2]["linear_weight_bytes"] * 3.5 < rows[0]["linear_weight_bytes"]
-    assert "stoker compress" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "stoker compress" in captured.out
+    # the run's report is written again with the table and the chart
+    report = run_dir / "report.html"
+    assert f"report: {report}" in captured.err.replace("\n", "")
+    html = report.read_text()
+    assert 'id="compression"' in html and "structured-50% + int8-static" in html
+    assert "accuracy (%) against latency at batch 1 (ms)" in html
 
 
 @pytest.mark.parametrize(

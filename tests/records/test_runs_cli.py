@@ -168,3 +168,15 @@ def test_sigterm_is_recorded_as_killed_by_the_process_itself(tmp_path):
     assert run.record["status"] == "killed"  # written by the handler, not inferred
     assert run.record["error"]["message"] == "terminated by SIGTERM"
     assert run.record["git"] is None  # not in a repository: recorded as such
+
+
+def test_reproduce_leaves_the_meters_speed_and_memory_out(tmp_path):
+    from stoker.records import MACHINE_METRICS, compare_metrics
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    line = {"step": 25, "time": 1.0, "loss": 0.5}
+    a.write_text(json.dumps({**line, "mfu": 0.31, "step_s_p50": 0.2}) + "\n")
+    b.write_text(json.dumps({**line, "mfu": 0.12, "step_s_p50": 0.9}) + "\n")
+    diffs = compare_metrics(a, b)
+    assert [d.key for d in diffs] == ["loss"] and diffs[0].max_abs_diff == 0.0
+    assert {"mfu", "step_s_p50", "tokens_per_s"} <= MACHINE_METRICS

@@ -7,6 +7,7 @@ No browser is a failure, never a skip: install it with ``apt-get install -y chro
 (.ci/run does) or point ``$STOKER_CHROMIUM`` at one.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -125,6 +126,39 @@ def _clip(page):
     """Summary and the first curves: from the top to the end of the loss charts."""
     bottom = page.locator("#m-lr").bounding_box()
     return {"x": 0, "y": 0, "width": 1200, "height": bottom["y"] if bottom else 1400}
+
+
+def test_compression_section_is_drawn(browser, tmp_path):
+    from stoker.records import RecordConfig, start_run
+
+    run = start_run(RecordConfig(directory=tmp_path / "run", save_code=False))
+    run.finish()
+    (run.dir / "compressed").mkdir()
+    forms = [("fp32", 0.41, 8.0), ("bf16", 0.40, 5.0), ("ffn-50% + int8-static", 0.38, 2.5)]
+    rows = [
+        {
+            "name": name,
+            "file_bytes": 4e6,
+            "nonzero_params": 5e5,
+            "latency_ms": {"1": {"median": ms}, "32": {"median": 10 * ms}},
+            "tokens_per_second": 1e4,
+            "accuracy": accuracy,
+            "perplexity": 20.0,
+        }
+        for name, accuracy, ms in forms
+    ]
+    (run.dir / "compressed" / "x.json").write_text(json.dumps(rows))
+    page, requests, errors = _open(browser, write_report([run.dir], tmp_path / "c.html"))
+    try:
+        assert _visible(page, "ffn-50% + int8-static") and _visible(page, "38.0%")
+        chart = page.locator("#compression ~ svg.chart").first
+        box = chart.bounding_box()
+        assert box is not None and box["width"] > 200 and box["height"] > 20
+        assert chart.locator("circle").count() == 3  # one dot per form
+        page.wait_for_timeout(100)
+        assert errors == [] and all(url.startswith("file://") for url in requests), errors
+    finally:
+        page.context.close()
 
 
 def test_hostile_report_runs_nothing(browser, hostile_run, tmp_path):

@@ -185,3 +185,52 @@ def test_a_run_id_is_resolved_under_root(real_runs, ref, capsys):
     a, _ = real_runs
     assert main(["report", "--root", str(a.parent), ref]) == 0
     assert capsys.readouterr().out == f"wrote {a / 'report.html'}\n"
+
+
+def _evaluation(name, accuracy, latency_1, file_bytes=4_000_000):
+    stats = {"median": latency_1, "min": latency_1, "max": latency_1}
+    return {
+        "name": name,
+        "params": 1_000_000,
+        "nonzero_params": 500_000,
+        "file_bytes": file_bytes,
+        "linear_weight_bytes": 1,
+        "latency_ms": {"1": stats, "32": {**stats, "median": 10 * latency_1}},
+        "tokens_per_second": 12345.0,
+        "accuracy": accuracy,
+        "perplexity": 20.5,
+        "threads": 2,
+        "compiled": False,
+    }
+
+
+def test_compression_measurements_get_their_section(tmp_path, hostile_text):
+    from stoker.records import RecordConfig, start_run
+
+    run = start_run(RecordConfig(directory=tmp_path / "run", save_code=False))
+    run.finish()
+    compressed = run.dir / "compressed"
+    compressed.mkdir()
+    older = compressed / "a.json"
+    older.write_text(json.dumps([_evaluation("fp32", 0.40, 9.0)]))
+    os.utime(older, (1, 1))
+    newer = [_evaluation("fp32", 0.41, 8.0), _evaluation(hostile_text, 0.39, 2.5, 1_000_000)]
+    (compressed / "b.json").write_text(json.dumps(newer))
+    (compressed / "garbage.json").write_text('{"not": "a list"}')
+    data = load_run(run.dir)
+    assert [r["name"] for r in data.compression] == ["fp32", hostile_text]
+    assert data.compression[0]["accuracy"] == 0.41  # the newest measurement of a form
+    html = write_report([run.dir]).read_text()
+    page = _parse(html)
+    assert "compression" in {attrs.get("id") for _, attrs in page.tags}
+    text = " ".join(page.text)
+    assert "latency ms (batch 1)" in text and "latency ms (batch 32)" in text
+    assert "41.0%" in text and "39.0%" in text and "8.00" in text and "25.00" in text
+    assert hostile_text not in html  # escaped like every string from a run
+    assert "accuracy (%) against latency at batch 1 (ms)" in html
+
+
+def test_no_compression_section_without_measurements(real_runs):
+    a, _ = real_runs
+    html = write_report([a]).read_text()
+    assert 'id="compression"' not in html

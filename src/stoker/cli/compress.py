@@ -1,5 +1,10 @@
 """``stoker compress RUN_OR_CHECKPOINT``: prune and/or quantize a trained MLM encoder, save it,
-and print the measured size / latency / accuracy table against the fp32 and bf16 baselines."""
+and print the measured size / latency / accuracy table against the fp32 and bf16 baselines.
+
+The table is also written as JSON next to the saved model and, for a model from a run
+directory, into ``<run>/compressed/`` too, and the run's HTML report is written again with a
+Compression section (the table and accuracy against latency, see
+:func:`stoker.report.run_view.compression`)."""
 
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from stoker.compress import (
 from stoker.data import load_token_documents, load_tokenizer, mlm_loader
 from stoker.errors import StokerError
 from stoker.records.listing import find_run
+from stoker.report import write_report
+from stoker.report.load import COMPRESSED
 
 NAME = "compress"
 HELP = "prune / quantize a trained MLM run and measure size, CPU latency and accuracy"
@@ -168,18 +175,33 @@ def main(args: argparse.Namespace) -> int:
         with console.status(f"measuring {label} (compiling on first calls)"):
             served = load_compressed(path, compile=compile_)
             rows.append(evaluate(served, val_batches, repeats=args.repeats))
-    _table_and_json(rows, path, console)
+    _table_and_json(rows, path, console, trained.run_dir)
     return 0
 
 
-def _table_and_json(rows: list[Evaluation], path: Path, console: Console) -> None:
+def _table_and_json(
+    rows: list[Evaluation], path: Path, console: Console, run_dir: Path | None
+) -> None:
     # piped output gets the table at full width rather than squeezed into 80 columns
     Console(width=None if sys.stdout.isatty() else 160).print(
         evaluation_table(rows, title="stoker compress")
     )
+    text = json.dumps([r.to_json() for r in rows], indent=1) + "\n"
     report = path.with_suffix(".json")
-    report.write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
+    report.write_text(text)
     console.print(f"wrote {report}")
+    if run_dir is None:
+        return
+    in_run = run_dir / COMPRESSED / report.name
+    try:
+        if in_run.resolve() != report.resolve():  # --out elsewhere: the run keeps a copy
+            in_run.parent.mkdir(exist_ok=True)
+            in_run.write_text(text)
+        html = write_report(run_dir)
+    except (OSError, StokerError) as exc:  # the measurements are written; the page is extra
+        console.print(f"stoker: warning: the run's report was not updated: {exc}")
+        return
+    console.print(f"report: {html}")
 
 
 def _auto(
@@ -210,7 +232,7 @@ def _auto(
     base_dir = trained.run_dir or trained.checkpoint
     label = _label(prune, choice.method)
     path = choice.compressed.save(args.out or base_dir / "compressed" / f"{label}.safetensors")
-    _table_and_json(choice.rows, path, console)
+    _table_and_json(choice.rows, path, console, trained.run_dir)
     console.print(f"auto chose {choice.reason}", soft_wrap=True, highlight=False)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0

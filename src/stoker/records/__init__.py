@@ -6,6 +6,8 @@
 - :class:`MetricsLogger`: the metrics writer on its own.
 - :func:`list_runs`, :func:`find_run`, :func:`effective_status`: read runs back (a SIGKILLed
   run shows as killed).
+- :class:`TensorBoardTracker`, :class:`MLflowTracker`: trackers fed from the metrics writer's
+  thread (``Stoker(trackers=[...])``), see :mod:`stoker.records.trackers`.
 - :func:`diff_runs`: config, code and package differences of two runs.
 - :func:`reproduce`: re-run a run at its recorded code in a temporary git worktree and
   compare the metrics.
@@ -13,21 +15,27 @@
 
 from stoker.records.diff import RunDiff, diff_runs
 from stoker.records.listing import RunInfo, effective_status, find_run, list_runs
-from stoker.records.metrics import MetricsLogger, read_metrics
+from stoker.records.metrics import MACHINE_METRICS, MetricsLogger, read_metrics
 from stoker.records.record import read_record
 from stoker.records.reproduce import ReproduceResult, compare_metrics, reproduce
 from stoker.records.run import RecordConfig, Run, start_run
 from stoker.records.rundir import RUN_DIR_ENV, RUNS_DIR_ENV, resolve_run_dir
+from stoker.records.trackers import TRACKERS, MLflowTracker, TensorBoardTracker, Tracker
 
 __all__ = [
+    "MACHINE_METRICS",
     "RUNS_DIR_ENV",
     "RUN_DIR_ENV",
+    "TRACKERS",
+    "MLflowTracker",
     "MetricsLogger",
     "RecordConfig",
     "ReproduceResult",
     "Run",
     "RunDiff",
     "RunInfo",
+    "TensorBoardTracker",
+    "Tracker",
     "compare_metrics",
     "diff_runs",
     "effective_status",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import logging
 import os
 import sys
 import threading
@@ -48,9 +49,26 @@ import torch
 from stoker import safe_files
 from stoker.errors import StokerError
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MACHINE_METRICS", "MetricsLogger", "read_metrics"]
 
 _RESERVED = ("step", "time")
+_log = logging.getLogger(__name__)
+
+MACHINE_METRICS = frozenset(
+    {
+        "step_s_p50",
+        "step_s_p99",
+        "tokens_per_s",
+        "samples_per_s",
+        "data_wait_share",
+        "flops_per_s",
+        "mfu",
+        "peak_memory_mb",
+    }
+)
+"""What the meters (:mod:`stoker.meters.live`) log: measurements of the machine (speed,
+memory), not of the model, so they differ between any two runs of the same code;
+``stoker reproduce`` leaves them out of its comparison."""
 
 
 class _Pending:
@@ -81,6 +99,29 @@ def _capture(value: torch.Tensor) -> _Pending:
     return _Pending(t, None)  # other devices: read on the logger thread
 
 
+def _items(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``metrics`` checked, device values on their way to the host."""
+    items: list[tuple[str, Any]] = []
+    for key, value in metrics.items():
+        if key in _RESERVED:
+            raise StokerError(
+                f"log(): {key!r} is a reserved field of metrics.jsonl; pass the step as "
+                "log(metrics, step=...) and rename the metric"
+            )
+        if isinstance(value, torch.Tensor):
+            items.append((key, _capture(value)))
+        elif value is None or isinstance(value, int | float | str | bool):
+            items.append((key, value))
+        elif callable(getattr(value, "item", None)):  # numpy scalars
+            items.append((key, value.item()))
+        else:
+            raise StokerError(
+                f"log(): metric {key!r} is a {type(value).__name__}; log numbers, strings "
+                "or tensors"
+            )
+    return items
+
+
 class MetricsLogger:
     """Appends metric lines to ``path`` from a background thread."""
 
@@ -96,9 +137,9 @@ class MetricsLogger:
         self.path = Path(path)
         self.flush_seconds = flush_seconds
         self._on_tick = on_tick
-        self._queue: collections.deque[tuple[int | None, float, list[tuple[str, Any]]]] = (
-            collections.deque()
-        )
+        self._queue: collections.deque[
+            tuple[int | None, float, list[tuple[str, Any]] | Callable[[], Mapping[str, Any]]]
+        ] = collections.deque()
         self._wake = threading.Event()
         self._closed = False
         self._lock = threading.Lock()  # one writer at a time: the thread, or close()
@@ -107,6 +148,9 @@ class MetricsLogger:
         self.last: dict[str, Any] = {}
         """The newest written value of each metric."""
         self.lines = 0
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
+        """Called with each line once it is resolved and written, on the writing thread (the
+        trackers, see :mod:`stoker.records.trackers`)."""
         self.lost = 0
         """Lines that could not be written (a full disk): dropped, not retried."""
         self.error: str | None = None
@@ -124,25 +168,14 @@ class MetricsLogger:
         """Queue ``metrics`` (numbers, strings, tensors of any device) for ``step``."""
         if self._closed:
             raise StokerError(f"log() after close() of the metrics logger for {self.path}")
-        items: list[tuple[str, Any]] = []
-        for key, value in metrics.items():
-            if key in _RESERVED:
-                raise StokerError(
-                    f"log(): {key!r} is a reserved field of metrics.jsonl; pass the step as "
-                    "log(metrics, step=...) and rename the metric"
-                )
-            if isinstance(value, torch.Tensor):
-                items.append((key, _capture(value)))
-            elif value is None or isinstance(value, int | float | str | bool):
-                items.append((key, value))
-            elif callable(getattr(value, "item", None)):  # numpy scalars
-                items.append((key, value.item()))
-            else:
-                raise StokerError(
-                    f"log(): metric {key!r} is a {type(value).__name__}; log numbers, strings "
-                    "or tensors"
-                )
-        self._queue.append((step, time.time(), items))
+        self._queue.append((step, time.time(), _items(metrics)))
+
+    def log_later(self, compute: Callable[[], Mapping[str, Any]], step: int | None) -> None:
+        """Queue a line whose metrics ``compute()`` returns on the writing thread (the meters'
+        window statistics: the training thread only hands over the raw numbers)."""
+        if self._closed:
+            raise StokerError(f"log() after close() of the metrics logger for {self.path}")
+        self._queue.append((step, time.time(), compute))
 
     # -- the background thread -----------------------------------------------------------
     def _run(self) -> None:
@@ -154,9 +187,7 @@ class MetricsLogger:
                 if self._on_tick is not None:
                     self._on_tick()
             except Exception:  # never end the thread (a failed write is handled in _write)
-                import logging
-
-                logging.getLogger(__name__).exception("writing %s failed", self.path)
+                _log.exception("writing %s failed", self.path)
 
     def flush(self) -> None:
         """Resolve and write everything queued so far (called by the thread and close())."""
@@ -164,8 +195,15 @@ class MetricsLogger:
             if self._file.closed:
                 return
             lines = []
+            records = []
             while self._queue:
                 step, stamp, items = self._queue.popleft()
+                if callable(items):  # log_later(): computed here, off the training thread
+                    try:
+                        items = _items(items())
+                    except Exception as exc:  # one bad line must not stop the others
+                        _log.warning("a metrics line for step %s was not computed: %s", step, exc)
+                        continue
                 record: dict[str, Any] = {"step": step, "time": round(stamp, 3)}
                 for key, value in items:
                     resolved = value.resolve() if isinstance(value, _Pending) else value
@@ -174,8 +212,12 @@ class MetricsLogger:
                 if step is not None and (self.last_step is None or step > self.last_step):
                     self.last_step = step
                 lines.append(json.dumps(record, default=repr) + "\n")
+                records.append(record)
             if lines:
                 self._write(lines)
+            for sink in self.sinks:
+                for record in records:
+                    sink(record)
 
     def _write(self, lines: list[str]) -> None:
         # A partial line left by a failed write is ended first: it stays one unreadable

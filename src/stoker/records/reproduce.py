@@ -10,7 +10,8 @@
    the checkout first on ``PYTHONPATH`` (its ``src/`` too, if any);
 3. the new run records itself into ``<run>/reproductions/<UTC time>/``; compare its
    ``metrics.jsonl`` with the original's: the final value of every metric both logged, and
-   the largest difference over the steps both logged.
+   the largest difference over the steps both logged (not the meters' speed and memory,
+   ``MACHINE_METRICS``: those differ between any two runs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from stoker.errors import StokerError
 from stoker.records import git as _git
-from stoker.records.metrics import read_metrics
+from stoker.records.metrics import MACHINE_METRICS, read_metrics
 from stoker.records.record import METRICS, PATCH, read_record
 from stoker.records.rundir import RUN_DIR_ENV, new_run_id
 
@@ -73,7 +74,7 @@ def _series(path: Path) -> dict[str, dict[int, float]]:
         if not isinstance(step, int):
             continue
         for key, value in rec.items():
-            if key in ("step", "time") or isinstance(value, bool):
+            if key in ("step", "time") or key in MACHINE_METRICS or isinstance(value, bool):
                 continue
             if isinstance(value, int | float):
                 out.setdefault(key, {})[step] = float(value)

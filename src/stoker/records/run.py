@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -60,6 +61,7 @@ from stoker.records.record import (
     write_record,
 )
 from stoker.records.rundir import Claim, cannot_create, claim, resolve_run_dir
+from stoker.records.trackers import Tracker, TrackerFeed
 
 __all__ = ["RecordConfig", "Run", "start_run"]
 
@@ -168,6 +170,8 @@ class Run:
         self._claim = claimed  # released once the final record is written
         self._write_warned = False
         self._pid = os.getpid()
+        self._summaries: dict[str, Any] = {}
+        self._trackers: TrackerFeed | None = None
         if not self.enabled:
             return
         _watch_forks(self)
@@ -184,12 +188,35 @@ class Run:
         if self._metrics is not None and not self._done:
             self._metrics.log(metrics, step)
 
+    def log_later(self, compute: Callable[[], Mapping[str, Any]], step: int | None) -> None:
+        """A line whose metrics ``compute()`` returns on the writer thread (the meters')."""
+        if self._metrics is not None and not self._done:
+            self._metrics.log_later(compute, step)
+
     def flush_metrics(self) -> None:
         """Write every metric queued so far, now, on the calling thread. It waits for the
         device values among them (a host-device sync): for a checkpoint, which waits for the
         device anyway, never for every step."""
         if self._metrics is not None and not self._done and os.getpid() == self._pid:
             self._metrics.flush()
+
+    def add_trackers(self, trackers: list[Tracker]) -> None:
+        """Send every metrics line, the config and the record to ``trackers`` too (from the
+        metrics writer's thread; see :mod:`stoker.records.trackers`)."""
+        if self._metrics is None or not trackers:
+            return
+        self._trackers = TrackerFeed(trackers, self.dir, self._record_copy)
+        self._metrics.sinks.append(self._trackers)
+
+    def _record_copy(self) -> dict[str, Any]:
+        with self._lock:  # the training thread may be updating it
+            return copy.deepcopy(self.record)
+
+    def add_summary(self, key: str, value: Any) -> None:
+        """Keep ``value`` as ``summary[key]`` of ``record.json`` (e.g. the meters' summary);
+        written with the next heartbeat and the final status."""
+        with self._lock:
+            self._summaries[key] = jsonable(value)
 
     def update(self, **fields: Any) -> None:
         """Add or replace top-level fields of ``record.json`` (e.g. ``seeds=...``)."""
@@ -211,6 +238,7 @@ class Run:
             "lines": m.lines,
             "lines_lost": m.lost,  # > 0, or metrics_error set: metrics.jsonl is incomplete
             "metrics_error": m.error,
+            **self._summaries,
         }
 
     def _tick(self) -> None:
@@ -252,6 +280,8 @@ class Run:
             elif error is not None:
                 self.record["error"] = {"type": None, "message": str(error), "traceback": None}
             self._write(f"the final status {status!r}", final=True)
+        if self._trackers is not None:  # (outside the lock: a tracker starting reads the record)
+            self._trackers.finish(self._record_copy())
         if self._claim is not None:
             self._claim.release()
 

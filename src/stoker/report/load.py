@@ -27,6 +27,9 @@ from stoker.records.record import METRICS, PATCH, RECORD, read_record
 __all__ = ["Event", "Metric", "RunData", "load_run"]
 
 DOCTOR = "doctor.json"
+COMPRESSED = "compressed"
+"""Where ``stoker compress`` writes its measurements of a run's model (``<label>.json``)."""
+_COMPRESSED_FILES = 200  # more measurement files than any person made; the rest are ignored
 METRICS_LIMIT = 2 << 30  # bytes: ~10M lines; more is not a file stoker wrote
 PATCH_SHOWN = 1 << 20  # bytes of code.patch put in the page; the rest is cut with a note
 _SOURCE_LIMIT = 4 << 20  # bytes of a source file read to show a finding's line
@@ -84,6 +87,9 @@ class RunData:
     """A finding's ``file:line`` -> that line of the file, where it could be read."""
     t0: float | None = None
     """Unix time of wall-clock 0: the run's start (else its first logged metrics line)."""
+    compression: list[dict[str, Any]] = field(default_factory=list)
+    """``stoker compress`` measurements of this run's model: one row per form (the newest
+    measurement of each name), see :func:`_read_compression`."""
 
 
 def _parse_time(text: Any) -> float | None:
@@ -158,6 +164,63 @@ def _read_doctor(run_dir: Path) -> dict[str, Any] | None:
             "doctor wrote (remove it to report the run without it)"
         )
     return doc
+
+
+def _number(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else math.nan
+
+
+def _compression_row(item: Any, source: str) -> dict[str, Any] | None:
+    """One form of ``stoker compress``'s JSON (``Evaluation.to_json``) as plain numbers."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    latency = item.get("latency_ms")
+    if not isinstance(latency, dict):
+        latency = {}
+    medians = {
+        int(b): _number(stats.get("median"))
+        for b, stats in latency.items()
+        if isinstance(b, str) and b.isdigit() and isinstance(stats, dict)
+    }
+    return {
+        "name": item["name"][:200],
+        "source": source,
+        "file_mb": _number(item.get("file_bytes")) / 1e6,
+        "params": _number(item.get("params")),
+        "nonzero_params": _number(item.get("nonzero_params")),
+        "latency_ms": dict(sorted(medians.items())),
+        "tokens_per_second": _number(item.get("tokens_per_second")),
+        "accuracy": _number(item.get("accuracy")),
+        "perplexity": _number(item.get("perplexity")),
+    }
+
+
+def _read_compression(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of ``compressed/*.json``, oldest file first, so that a form measured again (the
+    fp32 baseline of every invocation) keeps its newest numbers. A file that is not a list of
+    measurements is skipped: the report shows the rest."""
+    directory = run_dir / COMPRESSED
+    if directory.is_symlink() or not directory.is_dir():
+        return []
+    files = []
+    for path in directory.glob("*.json"):
+        try:
+            files.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    rows: dict[str, dict[str, Any]] = {}
+    for _, path in sorted(files)[-_COMPRESSED_FILES:]:
+        try:
+            items = safe_files.read_json(path, expect=list, root=run_dir)
+        except (OSError, StokerError):
+            continue
+        for item in items:
+            row = _compression_row(item, path.stem)
+            if row is not None:
+                rows.pop(row["name"], None)
+                rows[row["name"]] = row
+    return list(rows.values())
 
 
 def _read_patch(run_dir: Path, record: dict[str, Any]) -> tuple[str, int]:
@@ -290,4 +353,5 @@ def load_run(run_dir: str | Path) -> RunData:
         events=events,
         sources=_source_lines(record, doctor),
         t0=t0,
+        compression=_read_compression(run_dir),
     )

@@ -1,7 +1,8 @@
 """The report page: one HTML string with its CSS and SVG inline, no script, no network.
 
 Sections: summary, what differs (several runs), curves against step and wall-clock, validation,
-then per run (:mod:`stoker.report.run_view`) the timeline, the doctor and the record. Text from
+then per run (:mod:`stoker.report.run_view`) the timeline, the doctor, the compressed forms of
+its model (when ``stoker compress`` measured some) and the record. Text from
 a run goes through :mod:`stoker.report.markup`, which escapes it.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from stoker.records.diff import RunDiff
 from stoker.report.load import Metric, RunData
 from stoker.report.markup import CSP, CSS, Raw, diff_pre, duration, esc, json_text, table, when
-from stoker.report.run_view import doctor, markers, record, timeline
+from stoker.report.run_view import compression, doctor, markers, record, timeline
 from stoker.report.svg import PALETTE, Series, line_chart
 
 __all__ = ["render_page"]
@@ -202,6 +203,7 @@ def render_page(
     names = _metric_order({n for r in runs for n in r.metrics})
     validation = [n for n in names if _VALIDATION.search(n)]
     training = [n for n in names if n not in validation]
+    compressed = any(r.compression for r in runs)
     title = "stoker report: " + (runs[0].id if len(runs) == 1 else " vs ".join(r.id for r in runs))
     body = [
         f"<h1>{esc(title)}</h1>",
@@ -210,7 +212,8 @@ def render_page(
         + ('<a href="#differences">differences</a>' if len(runs) > 1 else "")
         + '<a href="#curves">curves</a><a href="#validation">validation</a>'
         '<a href="#timeline">timeline</a><a href="#doctor">doctor</a>'
-        '<a href="#record">record</a></nav>',
+        + ('<a href="#compression">compression</a>' if compressed else "")
+        + '<a href="#record">record</a></nav>',
         '<h2 id="summary">Summary</h2>',
         _summary(runs),
     ]
@@ -241,6 +244,10 @@ def render_page(
     body.append('<h2 id="doctor">Doctor</h2>')
     for run in runs:
         body += [f"<h3>{esc(run.id)}</h3>" if len(runs) > 1 else "", doctor(run)]
+    if compressed:
+        body.append('<h2 id="compression">Compression</h2>')
+        for run in runs:
+            body += [f"<h3>{esc(run.id)}</h3>" if len(runs) > 1 else "", compression(run)]
     body.append('<h2 id="record">Run record</h2>')
     for run in runs:
         body += [f"<h3>{esc(run.id)}</h3>" if len(runs) > 1 else "", record(run)]

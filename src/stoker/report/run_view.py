@@ -7,6 +7,8 @@ import math
 import shlex
 from collections.abc import Sequence
 
+import numpy as np
+
 from stoker.records.diff import flatten
 from stoker.report.load import RunData
 from stoker.report.markup import Raw, diff_pre, duration, esc, fmt, kv, table, when
@@ -199,3 +201,52 @@ def record(run: RunData) -> str:
             + "</details>"
         )
     return "".join(out)
+
+
+def compression(run: RunData) -> str:
+    """``stoker compress``'s size / latency / accuracy table of this run's model, and accuracy
+    against batch-1 latency as a chart (one dot per form: up and to the left is better)."""
+    rows = run.compression
+    if not rows:
+        return (
+            "<p>No compression measured for this run (<code>stoker compress RUN</code> adds "
+            "its table here).</p>"
+        )
+    batches = sorted({b for r in rows for b in r["latency_ms"]})
+    header = ["form", "measured in", "file MB", "nonzero params", "accuracy", "perplexity"]
+    header += [f"latency ms (batch {b})" for b in batches] + ["tokens/s"]
+    body = []
+    for r in rows:
+        latencies = [r["latency_ms"].get(b, math.nan) for b in batches]
+        nonzero = r["nonzero_params"] / 1e6
+        accuracy = 100 * r["accuracy"]
+        body.append(
+            [r["name"], r["source"], _f(r["file_mb"], 2), _f(nonzero, 2, "M"), _f(accuracy, 1, "%")]
+            + [_f(r["perplexity"], 2)]
+            + [_f(v, 2) for v in latencies]
+            + [_f(r["tokens_per_second"], 0)]
+        )
+    out = [table(body, header, cls="compression")]
+    first = batches[0] if batches else None
+    series = [
+        Series(
+            name=r["name"],
+            xs=np.array([r["latency_ms"].get(first, math.nan)]),
+            ys=np.array([100 * r["accuracy"]]),
+            colour=PALETTE[i % len(PALETTE)],
+            dots=True,
+        )
+        for i, r in enumerate(rows)
+    ]
+    if first is not None:
+        title = f"accuracy (%) against latency at batch {first} (ms), one dot per form"
+        legend = "".join(
+            f'<span><i style="background:{s.colour}"></i>{esc(s.name)}</span>' for s in series
+        )
+        out.append(f'<p class="legend">{legend}</p>')
+        out.append(line_chart(series, title=title, x_label=f"latency at batch {first} (ms)"))
+    return "".join(out)
+
+
+def _f(value: float, digits: int, suffix: str = "") -> str:
+    return f"{value:,.{digits}f}{suffix}" if math.isfinite(value) else "-"

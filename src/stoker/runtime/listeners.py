@@ -7,6 +7,7 @@ Attached in this order, so closed in the reverse one when the run ends::
     RecordListener   record.json says finished / failed / killed      (closes last)
     RanksListener    ranks leave together (not after a failure)
     DoctorListener   the doctor's report (not after a failure)
+    StepMeters       the meters' summary into record.json (stoker.meters.live)
     RunServices      the final checkpoint (not after a failure)      (closes first)
 """
 

@@ -6,6 +6,7 @@ an accumulation window the loop is.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from stoker.runtime.nested import map_tensors
 from stoker.runtime.step import TrainingStep
 
-__all__ = ["PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "order_seed"]
+__all__ = ["DataClock", "PreparedLoader", "PreparedOptimizer", "PreparedScheduler", "order_seed"]
 
 _END = object()  # what next() returns once a replayed epoch runs out
 
@@ -30,6 +31,17 @@ def order_seed(seed: int, epoch: int) -> int:
     ``its seed + epoch``: built with ``order_seed(seed, 0)`` it shuffles each epoch exactly as
     one process does, so W processes split the very order one process sees."""
     return (seed * 1_000_003 + epoch) % 2**63
+
+
+class DataClock:
+    """What the prepared loaders of a run count for the meters: seconds spent waiting in a
+    fetch (``next()`` on the user's loader) and samples fetched (batches x batch size)."""
+
+    __slots__ = ("samples", "wait")
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+        self.samples = 0
 
 
 class PreparedOptimizer(torch.optim.Optimizer):
@@ -131,6 +143,8 @@ class PreparedLoader:
         self._move = device.type != "cpu"
         # Pinned host memory lets the copy overlap compute; only then is non_blocking safe.
         self._non_blocking = device.type == "cuda" and bool(loader.pin_memory)
+        self.clock: DataClock | None = None
+        """Where fetch time and samples are counted (set by the meters), or None."""
 
     def _start_epoch(self) -> None:
         loader, epoch = self.loader, self.epoch
@@ -157,12 +171,17 @@ class PreparedLoader:
                 break
         self.position = skip
         self._replayed()
+        clock, size = self.clock, self._batch_size() or 0
         while True:
             steps.start_micro_batch(True)  # before fetching: `position` batches are trained on
+            started = time.perf_counter() if clock is not None else 0.0
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
+            if clock is not None:
+                clock.wait += time.perf_counter() - started
+                clock.samples += size
             self.position += 1
             yield _move(batch, self.device, self._non_blocking) if self._move else batch
         self.epoch += 1

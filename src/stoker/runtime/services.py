@@ -17,6 +17,7 @@ through the data pipeline before the random generators are put back to their sav
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from stoker.runtime.step import StepListener
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
-    from stoker.records import RecordConfig, Run
+    from stoker.records import RecordConfig, Run, Tracker
 
 __all__ = ["RESUME_CHOICES", "RunServices"]
 
@@ -58,9 +59,11 @@ class RunServices(StepListener):
         rank: int,
         world_size: int,
         sharded: bool = False,
+        trackers: Sequence[str | Tracker] = (),
     ) -> None:
         from stoker.checkpoint import CheckpointConfig
         from stoker.records import RecordConfig, start_run
+        from stoker.records.trackers import make_trackers
 
         if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
             checkpoint = CheckpointConfig(every_steps=checkpoint)
@@ -73,6 +76,12 @@ class RunServices(StepListener):
         self.setup = RunSetup(settings, user_config)
         """This run's settings and config, compared with a resumed checkpoint's."""
         self.run: Run | None = None
+        wanted = make_trackers(trackers) if rank == 0 else []  # a missing extra fails here
+        if wanted and record is False:
+            raise StokerError(
+                "trackers get what the run record's metrics.jsonl gets, but record=False; "
+                "pass record=True (the default) or drop trackers"
+            )
         if record is not False:
             config = record if isinstance(record, RecordConfig) else RecordConfig()
             self.run = start_run(
@@ -83,6 +92,7 @@ class RunServices(StepListener):
                 rank=rank,
                 world_size=world_size,
             )
+            self.run.add_trackers(wanted)
         self.checkpoint_config = checkpoint
         self.sharded = sharded
         """Write the model and optimizers as shards (strategy='fsdp'), under the key "model"."""
@@ -104,6 +114,20 @@ class RunServices(StepListener):
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step)
+
+    @property
+    def writes_metrics(self) -> bool:
+        """Whether this process writes ``metrics.jsonl`` (the main rank of a recorded run)."""
+        return self.run is not None and self.run.enabled
+
+    def log_later(self, compute: Callable[[], dict[str, Any]], step: int) -> None:
+        if self.run is not None:
+            self.run.log_later(compute, step)
+
+    def summarize_meters(self, summary: dict[str, Any]) -> None:
+        """The meters' summary, into ``record.json`` (``summary.meters``)."""
+        if self.run is not None:
+            self.run.add_summary("meters", summary)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_dir(self) -> Path:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 class StepListener(Protocol):
     """What attaches at step boundaries: checkpoints, the doctor, the run record, the ranks'
-    final barrier (and later meters, preemption).
+    final barrier, the meters (and later preemption).
 
     Why these three calls and no more:
 
@@ -113,11 +113,17 @@ class TrainingStep:
         self._fsdp_sync = True  # what the FSDP models were last told by accumulate()
         self.micro_batch = MicroBatch(self)
         self._tokens: torch.Tensor | None = None  # this window's token count, on the device
+        self.last_tokens: torch.Tensor | None = None
+        """The token count of the step that ended last (``backward``'s ``tokens=``, summed
+        over its micro-batches and, under DDP, over ranks), on the device; for the meters."""
         self._plain_backward = False  # a backward() without tokens= in this window
         self._finalized = False
         self._stepped = 0  # prepared optimizers stepped in the step that has not ended yet
         self._scale_before = 0.0
         self._boundary = True  # a step ended (or the run began); no micro-batch started since
+        self.before_optimizer: Callable[[], None] | None = None
+        """Called once the gradients are complete, before the optimizer steps (the meters
+        stop counting a step's FLOPs here: model FLOPs are the forward's and backward's)."""
         self._listeners: list[StepListener] = []
         self._on_micro_batch: tuple[Callable[[int, bool], None], ...] = ()
         self._on_step_end: tuple[Callable[[int], None], ...] = ()
@@ -235,6 +241,8 @@ class TrainingStep:
         the step ends once every prepared optimizer has stepped."""
         if not self.sync_gradients:
             return None
+        if self.before_optimizer is not None:
+            self.before_optimizer()
         scaler = self.scaler
         if scaler is not None:
             self.finalize_gradients()
@@ -266,7 +274,7 @@ class TrainingStep:
             self._update_scaler()
         self._stepped = 0
         self.step += 1
-        self._tokens = None
+        self.last_tokens, self._tokens = self._tokens, None
         self._plain_backward = False
         self._finalized = False
         self._boundary = True

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +40,7 @@ from stoker.runtime.listeners import DoctorListener, RanksListener, RecordListen
 from stoker.runtime.model import PreparedModel, unwrap_model
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
 from stoker.runtime.prepared import (
+    DataClock,
     PreparedLoader,
     PreparedOptimizer,
     PreparedScheduler,
@@ -53,7 +55,8 @@ from stoker.runtime.tracked import TrackedState
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig
     from stoker.doctor import Doctor, DoctorConfig
-    from stoker.records import RecordConfig
+    from stoker.meters import MetersConfig, StepMeters
+    from stoker.records import RecordConfig, Tracker
 
 __all__ = ["Stoker"]
 
@@ -80,6 +83,18 @@ def _check_compile(device: torch.device) -> None:
         )
     if device.type == "mps":
         raise StokerError("compile=True is not supported on MPS by stoker yet; pass compile=False")
+
+
+def _meters_config(meters: Any) -> MetersConfig | None:
+    from stoker.meters import MetersConfig
+
+    if meters is True:
+        return MetersConfig()
+    if meters is False:
+        return None
+    if isinstance(meters, MetersConfig):
+        return meters
+    raise StokerError(f"meters={meters!r}; pass True, False or a stoker.meters.MetersConfig")
 
 
 class Stoker:
@@ -117,6 +132,16 @@ class Stoker:
         activation_checkpointing: recompute each block's activations in the backward instead
             of keeping them (less memory for about one more forward): ``True`` for every
             ``nn.ModuleList`` entry, or module classes / ``fn(name, module)`` to choose.
+        meters: tokens/s, samples/s, step time p50/p99, data-wait share, achieved FLOP/s, MFU
+            against this machine's measured peak and peak memory, on the main rank, into
+            ``metrics.jsonl`` every 25 steps and ``record.json`` at the end (a
+            :class:`~stoker.meters.MetersConfig` to change the cadence or give the FLOPs per
+            step, ``False`` for none); see :mod:`stoker.meters.live`. :attr:`meters` reads them.
+        trackers: also send what :meth:`log` and the meters log, the config and the run record
+            to ``"tensorboard"`` (event files in the run directory) and/or ``"mlflow"`` (a
+            local store in the run directory, or ``stoker.records.MLflowTracker(uri=...)``);
+            optional extras: ``pip install 'stoker[tensorboard]'`` / ``'stoker[mlflow]'``.
+            ``metrics.jsonl`` stays the source of truth; see :mod:`stoker.records.trackers`.
 
     Example:
         >>> import torch
@@ -147,6 +172,8 @@ class Stoker:
         doctor: DoctorConfig | bool = True,
         strategy: str | FSDPConfig = "auto",
         activation_checkpointing: Any = False,
+        meters: MetersConfig | bool = True,
+        trackers: Sequence[str | Tracker] = (),
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -188,6 +215,7 @@ class Stoker:
             rank=self.rank,
             world_size=self.world_size,
             sharded=self._fsdp is not None,
+            trackers=trackers,
         )
         self.resumed_from: int | None = None
         """The step this run resumed from, or None for a fresh start."""
@@ -199,6 +227,10 @@ class Stoker:
         self._micro_batch: MicroBatch = self._steps.micro_batch
         self._doctor_config = doctor
         self.doctor: Doctor | None = None
+        self._meters_config = _meters_config(meters)
+        self.meters: StepMeters | None = None
+        """The run's meters (main rank, from the first :meth:`prepare`), or None."""
+        self._clock = DataClock() if self._meters_config is not None and self.is_main else None
         # Closed in reverse order: checkpoints and the doctor (attached at prepare), then the
         # ranks' barrier, then the record (see listeners.py).
         self._steps.add_listener(RecordListener(self.services))
@@ -319,6 +351,7 @@ class Stoker:
                     replayed=self.services.restore_rng_after_replay,
                     world_invariant=not is_rank_aware(obj),
                 )
+                loader.clock = self._clock
                 self._loaders.append(loader)
                 prepared.append(loader)
             else:
@@ -357,6 +390,7 @@ class Stoker:
             state["user"] = self._tracked
             keys.append("user")
         self._start_doctor()
+        self._start_meters()
         self.resumed_from = self.services.attach(state, tuple(keys))
         if self.services.checkpointer is not None:
             self._steps.add_listener(self.services)
@@ -440,6 +474,26 @@ class Stoker:
         config = wanted if isinstance(wanted, DoctorConfig) else DoctorConfig()
         self.doctor = Doctor(config).attach(auto_step=False)
         self._steps.add_listener(DoctorListener(self.doctor, self.run_dir))
+
+    def _start_meters(self) -> None:
+        from stoker.meters import StepMeters
+
+        if self._meters_config is None or self._clock is None:
+            return
+        dtype: str = self.precision
+        if dtype == "fp32" and self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            dtype = "tf32"
+        self.meters = StepMeters(
+            self._meters_config,
+            steps=self._steps,
+            clock=self._clock,
+            device=self.device,
+            dtype=dtype,
+            count=not self.compile,
+            write=self.services.log_later if self.services.writes_metrics else None,
+            record=self.services.summarize_meters,
+        )
+        self._steps.add_listener(self.meters)
 
     def step_done(self) -> None:
         """Mark an optimizer step of a loop that updates the weights itself.

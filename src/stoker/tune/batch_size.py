@@ -10,8 +10,8 @@ grow linearly with the batch size, and a size predicted to exceed the budget is 
 
 The recommendation is the *smallest* size whose throughput is within ``margin`` of the best
 measured (a smaller batch takes more optimizer steps per sample, which usually helps accuracy
-per sample); with ``margin=0`` (the default) it is the fastest measured. The matching learning rate scales
-with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
+per sample); with ``margin=0`` (the default) it is the fastest measured. The matching learning
+rate scales with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
 Malladi et al. 2022) or ``"linear"`` (``lr * new / old``, for SGD, Goyal et al. 2017).
 """
 
