@@ -4,10 +4,17 @@ Building blocks for PyTorch training loops you own. Importing stoker does nothin
 no device is initialised, no environment variable or logging handler is touched.
 """
 
-from stoker.errors import StokerError
-from stoker.runtime import Stoker
+from stoker.errors import PREEMPTED_EXIT_CODE, StokerError
+from stoker.runtime import PreemptionConfig, Stoker
 from stoker.runtime.tracked import Variables
 
 __version__ = "0.1.0"
 
-__all__ = ["Stoker", "StokerError", "Variables", "__version__"]
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "PreemptionConfig",
+    "Stoker",
+    "StokerError",
+    "Variables",
+    "__version__",
+]

@@ -4,8 +4,9 @@ run record. See :class:`~stoker.runtime.step.StepListener` for when each call co
 
 Attached in this order, so closed in the reverse one when the run ends::
 
-    RecordListener   record.json says finished / failed / killed      (closes last)
+    RecordListener   record.json says finished / failed / killed / preempted  (closes last)
     RanksListener    ranks leave together (not after a failure)
+    PreemptionListener  signal -> checkpoint -> exit 143 (runtime/preemption.py)
     DoctorListener   the doctor's report (not after a failure)
     RunServices      the final checkpoint (not after a failure)      (closes first)
 """

@@ -26,13 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from stoker.errors import StokerError, install_excepthook
+from stoker.errors import Preempted, StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import DistributedContext, barrier, init_distributed, shard_loader
 from stoker.runtime.lifecycle import Lifecycle
 from stoker.runtime.listeners import DoctorListener, RanksListener, RecordListener
 from stoker.runtime.model import PreparedModel, unwrap_model
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
+from stoker.runtime.preemption import PreemptionConfig, PreemptionListener
 from stoker.runtime.prepared import PreparedLoader, PreparedOptimizer, PreparedScheduler
 from stoker.runtime.same_data import SameDataCheck
 from stoker.runtime.services import RESUME_CHOICES, RunServices
@@ -97,6 +98,11 @@ class Stoker:
             what to change when the run ends, also written to ``doctor.json`` in the run
             directory (a :class:`~stoker.doctor.DoctorConfig` to tune, ``False`` or
             ``$STOKER_DOCTOR=0`` for none). Outside its window it costs nothing measurable.
+        preemption: on SIGTERM, SIGINT or SIGUSR1 (what SLURM, torchrun and Ctrl-C send), all
+            ranks save the checkpoint of the step and the process exits with code 143
+            (:data:`~stoker.errors.PREEMPTED_EXIT_CODE`; record status ``preempted``);
+            ``resume="auto"`` continues exactly. A :class:`~stoker.PreemptionConfig` for other
+            signals, ``False`` to leave signals alone. See :mod:`stoker.runtime.preemption`.
 
     Example:
         >>> import torch
@@ -125,6 +131,7 @@ class Stoker:
         checkpoint: CheckpointConfig | int | None = None,
         resume: str | Path = "auto",
         doctor: DoctorConfig | bool = True,
+        preemption: PreemptionConfig | bool = True,
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -133,6 +140,11 @@ class Stoker:
             )
         if not isinstance(compile, bool):
             raise StokerError(f"compile={compile!r} must be True or False")
+        if not isinstance(preemption, PreemptionConfig | bool):
+            raise StokerError(
+                f"preemption={preemption!r}; pass True (the default), False or a "
+                "stoker.PreemptionConfig"
+            )
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.policy = PrecisionPolicy(self.precision, self.device.type)
@@ -173,6 +185,10 @@ class Stoker:
         self._steps.add_listener(RecordListener(self.services))
         if self.dist.group is not None:
             self._steps.add_listener(RanksListener(self.dist.group))
+        if preemption is not False:
+            # Before the checkpoints' listener (attached at prepare): its save comes first.
+            config = preemption if isinstance(preemption, PreemptionConfig) else PreemptionConfig()
+            self._steps.add_listener(PreemptionListener(config, self.services, self.dist))
         self._lifecycle = Lifecycle(self.close)
 
     # -- the step's counters (owned by self._steps) ------------------------------------------
@@ -461,8 +477,8 @@ class Stoker:
         return self.services.save(self.step)
 
     def close(self, failed: BaseException | None = None) -> None:
-        """End the run: final checkpoint and doctor report (unless it failed), pending writes
-        finished, the record closed as finished, failed or killed.
+        """End the run: final checkpoint and doctor report (unless it failed or was preempted),
+        pending writes finished, the record closed as finished, failed, killed or preempted.
 
         Runs by itself at interpreter exit, knowing whether an exception is ending the program;
         call it to end earlier, with ``failed=exc`` if the run failed. Ranks leave together: a
@@ -475,6 +491,8 @@ class Stoker:
             return
         self._closed = True
         failure = failed if failed is not None else self._lifecycle.failure
+        if isinstance(failure, Preempted):  # not a failure: its checkpoint is written
+            failure = None
         # Final checkpoint, doctor report, ranks' barrier, record: see listeners.py. Raises
         # the first error any of them raised, once all have closed.
         self._steps.close(failure)

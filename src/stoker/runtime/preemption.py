@@ -1,0 +1,201 @@
+"""Preemption: a signal asks the run to stop; it saves the checkpoint of the step and exits.
+
+Clusters preempt a job with a signal and a grace period: SLURM sends SIGTERM (or, with
+``--signal=B:USR1@120``, SIGUSR1 two minutes ahead) before SIGKILL; torchrun forwards SIGTERM to
+its workers and SIGKILLs them 30 s later. Without a handler the run dies with everything since
+its last checkpoint. :class:`PreemptionListener`, attached to every :class:`~stoker.Stoker` by
+default, turns the signal into a checkpoint:
+
+1. The signal handler only records which signal came (a flag: nothing else is safe in a
+   handler, which runs between two bytecodes of whatever the loop was doing).
+2. At a step's end the ranks agree. One process reads its flag. Under ``torch.distributed``
+   each step's end *starts* an all-reduce (MAX of the signal number, one int64 on a small gloo
+   group, asynchronously) and *reads* the one started at the previous step's end, which has
+   long finished: a CPU tensor on gloo, so no host-device sync and no wait in the loop. Every
+   rank reads the same reduction at the same step, so all agree on the step to stop at: the
+   step after the one at which the signal was seen, at most two steps after it came.
+3. The checkpoint of that step is written at the start of the next micro-batch, as a periodic
+   one is (after the user's ``scheduler.step()``, with the copies taken at the step, see
+   :mod:`stoker.runtime.boundary`), so resuming from it is bitwise exact; it is complete on
+   disk before anything else happens (an ``async_save`` is waited for).
+4. :class:`~stoker.errors.Preempted` (a ``SystemExit``) ends the program with
+   :data:`~stoker.errors.PREEMPTED_EXIT_CODE` (143); ``record.json`` says ``preempted`` with
+   the signal and the step; no other final checkpoint is written over it.
+
+A second signal during the save only sets the flag again: the save completes (and checkpoints
+are written atomically, so even a SIGKILL leaves the previous one). Ctrl-C twice, more than a
+second apart, interrupts at once (KeyboardInterrupt, as without stoker): a loop that never
+reaches a step boundary must stay stoppable, while the two SIGINTs of one Ctrl-C under torchrun
+(the terminal's and the agent's) come together. Handlers are installed in the main thread only
+(Python runs signal handlers there) and the previous ones are put back when the run closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from stoker.errors import PREEMPTED_EXIT_CODE, Preempted, StokerError
+from stoker.runtime.distributed import DistributedContext, control_group
+from stoker.runtime.step import StepListener
+
+if TYPE_CHECKING:
+    from stoker.runtime.services import RunServices
+
+__all__ = ["PreemptionConfig", "PreemptionListener"]
+
+log = logging.getLogger(__name__)
+
+_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+_INTERRUPT_AGAIN_S = 1.0  # a second Ctrl-C this long after the first interrupts at once
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreemptionConfig:
+    """Which signals preempt a run (save the step's checkpoint, exit with code 143).
+
+    Example:
+        >>> from stoker import PreemptionConfig
+        >>> PreemptionConfig(signals=("SIGUSR1",)).signals
+        ('SIGUSR1',)
+    """
+
+    signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    """Signal names; the defaults are what SLURM, torchrun and Ctrl-C send."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.signals, str) or not self.signals:
+            raise StokerError(
+                f"PreemptionConfig(signals={self.signals!r}) must be a non-empty tuple of signal "
+                "names, e.g. ('SIGTERM', 'SIGUSR1'); pass preemption=False to handle none"
+            )
+        for name in self.signals:
+            if name in _UNCATCHABLE or not isinstance(getattr(signal, str(name), None), int):
+                raise StokerError(
+                    f"PreemptionConfig: {name!r} is not a signal a process can handle; use "
+                    "names such as SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (SIGKILL and SIGSTOP "
+                    "cannot be caught)"
+                )
+
+
+class PreemptionListener(StepListener):
+    """Handles the configured signals for one run; see the module docstring.
+
+    Create it on every rank at the same point (under ``torch.distributed`` it creates its gloo
+    group, a collective).
+    """
+
+    def __init__(
+        self, config: PreemptionConfig, services: RunServices, ctx: DistributedContext
+    ) -> None:
+        self.config = config
+        self.services = services
+        self.is_main = ctx.rank == 0
+        self.received = 0
+        """The first signal this process received (its number), 0 for none."""
+        self.agreed = 0
+        """The signal the ranks agreed to stop on, 0 until they do."""
+        self._first_at = 0.0
+        self._group: Any = None
+        self._work: Any = None
+        # One int64 reduced in place; its NumPy view reads and writes it without a torch op.
+        self._flag = torch.zeros(1, dtype=torch.int64)
+        self._view = self._flag.numpy()
+        if ctx.enabled:
+            self._group = control_group("the preemption handler's setup (its gloo group)")
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in config.signals:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._on_signal)
+        else:
+            log.info("stoker: Stoker created outside the main thread: no preemption handlers")
+
+    # -- the handler -------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+            self._first_at = time.monotonic()
+        elif (
+            signum == signal.SIGINT
+            and not self.agreed
+            and time.monotonic() - self._first_at > _INTERRUPT_AGAIN_S
+        ):
+            raise KeyboardInterrupt  # Ctrl-C again: the loop may never reach a step boundary
+
+    # -- at the step's boundaries ------------------------------------------------------------
+    def on_step_end(self, step: int) -> None:
+        if self.agreed:
+            return
+        signum = self._exchange() if self._group is not None else self.received
+        if not signum:
+            return
+        self.agreed = signum
+        services = self.services
+        if services.checkpointer is None or services.state is None:
+            self._exit(step, None, 0.0)  # nothing to save: no need to wait for the next batch
+        services.hold(step)
+
+    def _exchange(self) -> int:
+        """The ranks' MAX of the signal numbers as of the previous step's end (0 for none),
+        and this step's contribution sent on its way."""
+        signum = 0
+        work = self._work
+        if work is not None:
+            work.wait()  # started a step ago on gloo: done by now
+            signum = int(self._view[0])
+        if signum:
+            self._work = None
+        else:
+            self._view[0] = self.received
+            self._work = dist.all_reduce(
+                self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+            )
+        return signum
+
+    def on_micro_batch(self, step: int, live: bool) -> None:
+        if not self.agreed:
+            return
+        started = time.monotonic()
+        path = self.services.save_now(step, live)
+        self._exit(step, path, time.monotonic() - started)
+
+    def _exit(self, step: int, path: Any, seconds: float) -> None:
+        name = signal.Signals(self.agreed).name
+        if self.is_main:
+            if self.services.checkpointer is None or self.services.state is None:
+                what = "nothing could be saved (no checkpointer: record=False, or no prepare())"
+            elif path is None:
+                what = "its checkpoint could not be written (see the warning above)"
+            else:
+                what = f"checkpoint of step {step} written in {seconds:.2f} s ({path})"
+            print(
+                f"stoker: {name}: preempted at step {step}; {what}; exiting with code "
+                f"{PREEMPTED_EXIT_CODE}",
+                file=sys.stderr,
+                flush=True,
+            )
+        preempted = Preempted(name, step)
+        self.services.preempted = preempted
+        raise preempted
+
+    def close(self, failed: BaseException | None) -> None:
+        work, self._work = self._work, None
+        if work is not None and failed is None:
+            work.wait()  # every rank started it: leave no collective behind
+        if self.agreed or threading.current_thread() is not threading.main_thread():
+            # Preempted: the process is exiting; a signal now must not cut the record's last
+            # write short, so the flag-only handler stays.
+            return
+        for number, previous in self._previous.items():
+            if signal.getsignal(number) == self._on_signal:
+                signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
