@@ -35,9 +35,10 @@ def _is_state_of(state: dict, step: int) -> bool:
     return state["progress"] == {"step": step}
 
 
-def _kill_mid_save(directory: Path, async_save: bool, delay: float) -> int:
-    """Start the job, SIGKILL it ``delay`` s after it starts saving; the last step it reported
-    complete (0 if none)."""
+def _kill_mid_save(directory: Path, async_save: bool, delay: float) -> tuple[int, bool]:
+    """Start the job, SIGKILL it ``delay`` s after its first complete save; the last step it
+    reported complete, and whether the kill left a save unfinished (a ``.tmp-``/``.old-``
+    directory: it landed inside a write, not between two)."""
     argv = [sys.executable, JOB, str(directory), *(["--async-save"] if async_save else [])]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -45,6 +46,7 @@ def _kill_mid_save(directory: Path, async_save: bool, delay: float) -> int:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first == "ready\n", first + proc.stderr.read()  # type: ignore[union-attr]
+        lines.append(proc.stdout.readline())  # "saved 1" (the slowest: it starts the pools)
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
         time.sleep(delay)
@@ -57,7 +59,8 @@ def _kill_mid_save(directory: Path, async_save: bool, delay: float) -> int:
             proc.kill()
             proc.wait()
     saved = [int(line.split()[1]) for line in lines if line.startswith("saved ")]
-    return saved[-1] if saved else 0
+    unfinished = any(p.name.startswith((".tmp-", ".old-")) for p in directory.iterdir())
+    return (saved[-1] if saved else 0), unfinished
 
 
 def _check_after_kill(directory: Path, reported: int) -> int:
@@ -83,27 +86,28 @@ def _check_after_kill(directory: Path, reported: int) -> int:
     return resumed
 
 
-def _run(tmp_path: Path, points: int, seed: int) -> list[tuple[bool, float, int, int]]:
+def _run(tmp_path: Path, points: int, seed: int) -> list[tuple[bool, int, bool]]:
+    """(async, resumed step, whether the kill landed inside a write) per kill."""
     rng = random.Random(seed)
     outcomes = []
     for i in range(points):
         async_save = i % 2 == 1
-        delay = rng.uniform(0.05, 1.5)
         directory = tmp_path / f"kill-{i}"
-        reported = _kill_mid_save(directory, async_save, delay)
+        reported, unfinished = _kill_mid_save(directory, async_save, rng.uniform(0.0, 1.0))
         resumed = _check_after_kill(directory, reported)
-        outcomes.append((async_save, delay, reported, resumed))
+        outcomes.append((async_save, resumed, unfinished))
     return outcomes
 
 
 def test_kills_during_saves_leave_only_good_checkpoints(tmp_path):
     outcomes = _run(tmp_path, points=4, seed=13)
-    # The kills came after some saves had completed, in both modes.
-    assert all(reported > 0 for _, _, reported, _ in outcomes), outcomes
+    assert all(resumed >= 1 for _, resumed, _ in outcomes), outcomes
 
 
 @pytest.mark.slow
 def test_twenty_random_kill_points_during_sync_and_async_saves(tmp_path):
     outcomes = _run(tmp_path, points=20, seed=2026)
-    assert sum(1 for a, *_ in outcomes if a) == 10
-    assert sum(1 for *_, reported, _ in outcomes if reported > 0) >= 18, outcomes
+    assert all(resumed >= 1 for _, resumed, _ in outcomes), outcomes
+    # Nearly all of the job's time is spent saving: most kills cut a write in the middle.
+    inside = [unfinished for _, _, unfinished in outcomes]
+    assert sum(inside) >= 5, outcomes

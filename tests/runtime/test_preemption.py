@@ -192,7 +192,7 @@ def test_the_ranks_exchange_adds_no_host_sync(tmp_path, monkeypatch):
                     listener.on_step_end(step)
             assert sum(e.count for e in trace.key_averages() if e.key in SYNC_OPS) == 0
             assert listener.agreed == 0
-            listener.received = signal.SIGUSR1  # as the handler would
+            listener.flag.received = signal.SIGUSR1  # as the handler would
             listener.on_step_end(6)  # sends it
             assert listener.agreed == 0
             with pytest.raises(SystemExit) as stopped:

@@ -39,6 +39,7 @@ import struct
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from stoker.errors import PREEMPTED_EXIT_CODE, StokerError
 
@@ -361,8 +362,9 @@ def launch(config: LaunchConfig) -> int:
         return _signalled(exc.sigval, run_dir)
     except ChildFailedError as exc:
         failures = exc.failures
-        if all(f.exitcode == PREEMPTED_EXIT_CODE for f in failures.values()):
-            # Signalled directly (SLURM signals every process of the step), not through us.
+        if _recorded_preemption(run_dir) is not None:
+            # The workers were signalled directly (SLURM signals every process of the step),
+            # not through the agent; once one had exited the agent stopped the others.
             return _signalled(None, run_dir)
         rank, first = min(failures.items())
         raise WorkerFailed(
@@ -375,18 +377,28 @@ def launch(config: LaunchConfig) -> int:
     return 0
 
 
-def _signalled(signum: int | None, run_dir: Path) -> int:
-    """The exit code after a signal stopped the job: 143 when the run recorded its preemption
-    (its checkpoint is written: requeue), else 128 + the signal, as a shell reports it."""
+def _recorded_preemption(run_dir: Path) -> dict[str, Any] | None:
+    """``record.json``'s ``preempted`` (signal, step) if this attempt ended preempted (each
+    attempt's start sets the status back to ``running``)."""
     from stoker.records import read_record
 
-    name = signal.Signals(signum).name if signum is not None else "a signal"
     try:
         record = read_record(run_dir)
     except (OSError, ValueError):
-        record = {}
-    preempted = record.get("preempted") if record.get("status") == "preempted" else None
-    if isinstance(preempted, dict):
+        return None
+    preempted = record.get("preempted")
+    return (
+        preempted if record.get("status") == "preempted" and isinstance(preempted, dict) else None
+    )
+
+
+def _signalled(signum: int | None, run_dir: Path) -> int:
+    """The exit code after a signal stopped the job: 143 when the run recorded its preemption
+    (its checkpoint is written: requeue), else 128 + the signal, as a shell reports it."""
+
+    name = signal.Signals(signum).name if signum is not None else "a signal"
+    preempted = _recorded_preemption(run_dir)
+    if preempted is not None:
         print(
             f"stoker run: {name}: the workers saved step {preempted.get('step')} and stopped; "
             f"exit code {PREEMPTED_EXIT_CODE} (preempted: run the same command again to resume)",

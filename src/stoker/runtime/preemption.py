@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,44 @@ class PreemptionConfig:
                 )
 
 
+class _Flag:
+    """All the signal handler touches: which signal came first, and when. The handler holds
+    nothing else, so a Stoker nobody references any more is still collected (its finalizer
+    then puts the previous handlers back)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        """The first signal this process received (its number), 0 for none."""
+        self.first_at = 0.0
+        self.agreed = False
+        self.previous: dict[int, Any] = {}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+            self.first_at = time.monotonic()
+        elif (
+            signum == signal.SIGINT
+            and not self.agreed
+            and time.monotonic() - self.first_at > _INTERRUPT_AGAIN_S
+        ):
+            raise KeyboardInterrupt  # Ctrl-C again: the loop may never reach a step boundary
+
+    def install(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            number = getattr(signal, name)
+            self.previous[number] = signal.signal(number, self.handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back where ours is still the one installed."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # (signal.signal works in the main thread only)
+        for number, previous in self.previous.items():
+            if signal.getsignal(number) == self.handle:
+                signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+
 class PreemptionListener(StepListener):
     """Handles the configured signals for one run; see the module docstring.
 
@@ -99,49 +138,36 @@ class PreemptionListener(StepListener):
         self.config = config
         self.services = services
         self.is_main = ctx.rank == 0
-        self.received = 0
-        """The first signal this process received (its number), 0 for none."""
+        self.flag = _Flag()
+        """What the signal handler set (``flag.received``: the signal's number, 0 for none)."""
         self.agreed = 0
         """The signal the ranks agreed to stop on, 0 until they do."""
-        self._first_at = 0.0
         self._group: Any = None
         self._work: Any = None
         # One int64 reduced in place; its NumPy view reads and writes it without a torch op.
-        self._flag = torch.zeros(1, dtype=torch.int64)
-        self._view = self._flag.numpy()
+        self._buffer = torch.zeros(1, dtype=torch.int64)
+        self._view = self._buffer.numpy()
         if ctx.enabled:
             self._group = control_group("the preemption handler's setup (its gloo group)")
-        self._previous: dict[int, Any] = {}
+        self._restore: weakref.finalize | None = None
         if threading.current_thread() is threading.main_thread():
-            for name in config.signals:
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._on_signal)
+            self.flag.install(config.signals)
+            self._restore = weakref.finalize(self, self.flag.restore)
         else:
             log.info("stoker: Stoker created outside the main thread: no preemption handlers")
-
-    # -- the handler -------------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self.received:
-            self.received = signum
-            self._first_at = time.monotonic()
-        elif (
-            signum == signal.SIGINT
-            and not self.agreed
-            and time.monotonic() - self._first_at > _INTERRUPT_AGAIN_S
-        ):
-            raise KeyboardInterrupt  # Ctrl-C again: the loop may never reach a step boundary
 
     # -- at the step's boundaries ------------------------------------------------------------
     def on_step_end(self, step: int) -> None:
         if self.agreed:
             return
-        signum = self._exchange() if self._group is not None else self.received
+        signum = self._exchange() if self._group is not None else self.flag.received
         if not signum:
             return
         self.agreed = signum
+        self.flag.agreed = True
         services = self.services
         if services.checkpointer is None or services.state is None:
-            self._exit(step, None, 0.0)  # nothing to save: no need to wait for the next batch
+            self._stop(step, None, 0.0)  # nothing to save: no need to wait for the next batch
         services.hold(step)
 
     def _exchange(self) -> int:
@@ -155,9 +181,9 @@ class PreemptionListener(StepListener):
         if signum:
             self._work = None
         else:
-            self._view[0] = self.received
+            self._view[0] = self.flag.received
             self._work = dist.all_reduce(
-                self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+                self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True
             )
         return signum
 
@@ -166,9 +192,9 @@ class PreemptionListener(StepListener):
             return
         started = time.monotonic()
         path = self.services.save_now(step, live)
-        self._exit(step, path, time.monotonic() - started)
+        self._stop(step, path, time.monotonic() - started)
 
-    def _exit(self, step: int, path: Any, seconds: float) -> None:
+    def _stop(self, step: int, path: Any, seconds: float) -> None:
         name = signal.Signals(self.agreed).name
         if self.is_main:
             if self.services.checkpointer is None or self.services.state is None:
@@ -191,11 +217,15 @@ class PreemptionListener(StepListener):
         work, self._work = self._work, None
         if work is not None and failed is None:
             work.wait()  # every rank started it: leave no collective behind
-        if self.agreed or threading.current_thread() is not threading.main_thread():
-            # Preempted: the process is exiting; a signal now must not cut the record's last
-            # write short, so the flag-only handler stays.
+        if self._restore is None:
             return
-        for number, previous in self._previous.items():
-            if signal.getsignal(number) == self._on_signal:
-                signal.signal(number, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+        if self.agreed:
+            # Preempted: the checkpoint is written and the process is exiting. A signal now
+            # (torchrun stops the other workers with SIGTERM once one has exited) must not cut
+            # the record's last write or the exit code short: ignore it. SIG_IGN, not our
+            # handler: Python puts its own handlers back to SIG_DFL as the interpreter ends.
+            self._restore.detach()
+            for number in self.flag.previous:
+                signal.signal(number, signal.SIG_IGN)
+        else:
+            self._restore()
