@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from stoker import PREEMPTED_EXIT_CODE, PreemptionConfig, Stoker, StokerError
 from stoker.checkpoint import list_checkpoints, verify
+from stoker.report import load_run
 from stoker.runtime.distributed import DistributedContext
 from stoker.runtime.launch import LaunchConfig, grace_seconds, torchrun_argv
 from stoker.runtime.preemption import PreemptionListener
@@ -57,6 +58,8 @@ def _assert_preempted(done, run_dir: Path, signal_name: str, step: int) -> None:
     assert steps[-1] == step, steps  # the preemption's checkpoint is the newest ...
     verify(run_dir / "checkpoints" / f"step-{step:08d}")  # ... and whole
     assert f"preempted at step {step}" in done.stderr
+    labels = [event.label for event in load_run(run_dir).events]  # the HTML report's timeline
+    assert f"run preempted by {signal_name} at step {step}" in labels, labels
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,10 @@ def reference(tmp_path_factory) -> dict:
     return _final(out)
 
 
-@pytest.mark.parametrize("step", random.Random(13).sample(range(2, STEPS - 1), 2))
+_EARLY, _LATE = random.Random(1).sample(range(2, STEPS - 1), 2)  # 6 and 20
+
+
+@pytest.mark.parametrize("step", [_EARLY, pytest.param(_LATE, marks=pytest.mark.slow)])
 def test_sigterm_at_a_random_step_saves_it_and_resumes_bitwise(tmp_path, reference, step):
     run_dir = tmp_path / "run"
     done, out = _job(run_dir, "--steps", str(STEPS), "--signal-at", str(step))

@@ -219,7 +219,7 @@ class PreemptionListener(StepListener):
             work.wait()  # every rank started it: leave no collective behind
         if self._restore is None:
             return
-        if self.agreed:
+        if self.services.preempted is not None:
             # Preempted: the checkpoint is written and the process is exiting. A signal now
             # (torchrun stops the other workers with SIGTERM once one has exited) must not cut
             # the record's last write or the exit code short: ignore it. SIG_IGN, not our

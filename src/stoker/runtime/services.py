@@ -227,6 +227,7 @@ class RunServices(StepListener):
         if self.checkpointer is None or self.state is None:
             return None
         started = time.monotonic()
+        saved = self._saved(step)
         self._checked_step = step
         boundary, self._boundary = self._boundary, None
         if live or boundary is None or boundary.step != step:
@@ -235,8 +236,17 @@ class RunServices(StepListener):
             with written_as_of(self.state, boundary) as state:
                 path = self.checkpointer.save(step, state)
         self.checkpointer.wait()
-        self._measured(step, time.monotonic() - started)
+        if not saved:
+            self._measured(step, time.monotonic() - started)
         return path
+
+    def _saved(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` is already written (saving it again does
+        nothing, and measures nothing)."""
+        from stoker.checkpoint import checkpoint_name
+
+        latest = self.checkpointer.latest if self.checkpointer is not None else None
+        return latest is not None and latest.name == checkpoint_name(step)
 
     def _measured(self, step: int, seconds: float) -> None:
         """``record.json``'s ``checkpoint_seconds``: how long the last complete save took (the
@@ -254,7 +264,7 @@ class RunServices(StepListener):
             # No step taken, nothing to keep: a checkpoint of step 0 only when asked for
             # (save_checkpoint()) or due by the config.
             final = failed is None and self.preempted is None
-            if final and self.state is not None and self.step > 0:
+            if final and self.state is not None and self.step > 0 and not self._saved(self.step):
                 started = time.monotonic()
                 self.checkpointer.save(self.step, self.state)
                 self.checkpointer.wait()
