@@ -20,7 +20,8 @@ default, turns the signal into a checkpoint:
    disk before anything else happens (an ``async_save`` is waited for).
 4. :class:`~stoker.errors.Preempted` (a ``SystemExit``) ends the program with
    :data:`~stoker.errors.PREEMPTED_EXIT_CODE` (143); ``record.json`` says ``preempted`` with
-   the signal and the step; no other final checkpoint is written over it.
+   the signal and the step; no other final checkpoint is written over it, nor the doctor's
+   report (it measures the hardware: seconds the grace period may not have).
 
 A second signal during the save only sets the flag again: the save completes (and checkpoints
 are written atomically, so even a SIGKILL leaves the previous one). Ctrl-C twice, more than a
@@ -215,7 +216,7 @@ class PreemptionListener(StepListener):
 
     def close(self, failed: BaseException | None) -> None:
         work, self._work = self._work, None
-        if work is not None and failed is None:
+        if work is not None and (failed is None or isinstance(failed, Preempted)):
             work.wait()  # every rank started it: leave no collective behind
         if self._restore is None:
             return

@@ -491,12 +491,15 @@ class Stoker:
             return
         self._closed = True
         failure = failed if failed is not None else self._lifecycle.failure
-        if isinstance(failure, Preempted):  # not a failure: its checkpoint is written
-            failure = None
+        if failure is None:
+            # A preemption ends the run like an error (no final checkpoint over its own, no
+            # doctor report: the grace period is short) but ranks still leave together.
+            failure = self.services.preempted
         # Final checkpoint, doctor report, ranks' barrier, record: see listeners.py. Raises
         # the first error any of them raised, once all have closed.
         self._steps.close(failure)
-        if failure is None and self.dist.owns_group and dist.is_initialized():
+        ended = failure is None or isinstance(failure, Preempted)
+        if ended and self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def state_dict(self) -> dict[str, Any]:
