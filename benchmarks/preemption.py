@@ -11,7 +11,8 @@ handling preemption costs per step.
    end-of-run HTML report) except the doctor, whose profiling window would still be running.
 2. ``per-step overhead``: the same MLM training step through a ``Stoker`` with
    ``preemption=False`` and with the default, interleaved in one process; then the same in a
-   2-process gloo DDP job (``--nproc 2``; the listener starts an async all-reduce per step).
+   2-process gloo DDP job (``--nproc 2``; the ranks exchange through an async all-reduce about
+   once a second of training).
    Target: ratio <= 1.01.
 
     python benchmarks/preemption.py              # ~5-10 min on 2 cores

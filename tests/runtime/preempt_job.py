@@ -2,6 +2,7 @@
 
     python preempt_job.py OUT [--steps 30] [--signal-at K] [--signal SIGTERM] [--signal-rank R]
                               [--storm] [--no-record] [--async-save] [--wait-for-signal K]
+                              [--agree-every SECONDS]
 
 Trains with a prepared shuffled DataLoader, dropout, an in-loop ``torch.randint`` draw (the
 RNG moves between the step and the next micro-batch, as in nanoGPT), a scheduler and tracked
@@ -10,8 +11,9 @@ state, so a checkpoint is exact only if it holds everything as of its step. With
 the forward, before ``optimizer.step()``). ``--storm``: from then on a thread sends the signal
 again every 2 ms until the process exits (signals during the save). ``--wait-for-signal K``:
 from step K on, every step sleeps 50 ms (an outside signal, e.g. to ``stoker run``, lands
-mid-run). Rank 0 prints ``step N`` after each step and writes the final weights and optimizer
-state to OUT.
+mid-run). ``--agree-every``: PreemptionConfig's ``agree_every_s`` (default 0 here: the ranks
+exchange at every step, so the stop step is known exactly). Rank 0 prints ``step N`` after
+each step and writes the final weights and optimizer state to OUT.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from stoker import Stoker
+from stoker import PreemptionConfig, Stoker
 from stoker.checkpoint import CheckpointConfig
 
 parser = argparse.ArgumentParser()
@@ -36,6 +38,7 @@ parser.add_argument("--storm", action="store_true")
 parser.add_argument("--no-record", action="store_true")
 parser.add_argument("--async-save", action="store_true")
 parser.add_argument("--wait-for-signal", type=int, default=None)
+parser.add_argument("--agree-every", type=float, default=0.0, help="PreemptionConfig's")
 args = parser.parse_args()
 
 torch.set_num_threads(1)
@@ -46,6 +49,7 @@ stoker = Stoker(
     record=not args.no_record,
     checkpoint=CheckpointConfig(every_steps=7, async_save=args.async_save),
     doctor=False,
+    preemption=PreemptionConfig(agree_every_s=args.agree_every),
 )
 data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
 loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)

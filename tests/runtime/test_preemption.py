@@ -132,7 +132,9 @@ def test_sigusr1_sent_to_stoker_run_only_reaches_the_workers(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "STOKER_RUN_DIR": str(run_dir)}
     cmd = [sys.executable, "-m", "stoker", "run", "--nproc", "2", JOB, str(tmp_path / "o.pt")]
-    cmd += ["--steps", "400", "--wait-for-signal", "3"]
+    # The ranks exchange about every 0.2 s of training, the interval measured on the fast
+    # first steps: the adaptive path, with steps that slow down (50 ms) after step 3.
+    cmd += ["--steps", "400", "--wait-for-signal", "3", "--agree-every", "0.2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     err: list[str] = []
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
@@ -191,7 +193,8 @@ def test_the_ranks_exchange_adds_no_host_sync(tmp_path, monkeypatch):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         ctx = DistributedContext(rank=0, world_size=2)
-        listener = PreemptionListener(PreemptionConfig(), _NoServices(), ctx)
+        config = PreemptionConfig(agree_every_s=0)  # an exchange at every step
+        listener = PreemptionListener(config, _NoServices(), ctx)
         try:
             with profile(activities=[ProfilerActivity.CPU]) as trace:
                 for step in range(1, 6):
@@ -205,6 +208,29 @@ def test_the_ranks_exchange_adds_no_host_sync(tmp_path, monkeypatch):
                 listener.on_step_end(7)  # reads it: agreed (nothing to save: exits at once)
             assert stopped.value.code == PREEMPTED_EXIT_CODE
             assert listener.agreed == signal.SIGUSR1
+        finally:
+            listener.close(None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fast_steps_exchange_rarely(tmp_path, monkeypatch):
+    # Steps microseconds apart and the default agree_every_s=1.0: an exchange every 100 steps
+    # (the cap) once the step time is measured.
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    started = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: started.append(1) or real(*a, **k))
+    try:
+        ctx = DistributedContext(rank=0, world_size=2)
+        listener = PreemptionListener(PreemptionConfig(), _NoServices(), ctx)
+        try:
+            for step in range(1, 250):
+                listener.on_step_end(step)
+            # Steps 1, 2 (reading step 1's proposal: 1), 3 (reading step 2's: the cap, 100
+            # steps, from the measured microseconds), then 103 and 203.
+            assert len(started) == 5, started
         finally:
             listener.close(None)
     finally:
@@ -240,6 +266,12 @@ def test_bad_preemption_argument_is_one_clear_error():
 def test_config_refuses_signals_it_cannot_handle(signals):
     with pytest.raises(StokerError, match="PreemptionConfig"):
         PreemptionConfig(signals=signals)
+
+
+@pytest.mark.parametrize("seconds", [-1, 61, "1"])
+def test_config_refuses_an_exchange_interval_out_of_range(seconds):
+    with pytest.raises(StokerError, match="agree_every_s"):
+        PreemptionConfig(agree_every_s=seconds)
 
 
 def test_stoker_run_hands_sigusr1_and_the_grace_to_torchrun(tmp_path):

@@ -8,12 +8,16 @@ default, turns the signal into a checkpoint:
 
 1. The signal handler only records which signal came (a flag: nothing else is safe in a
    handler, which runs between two bytecodes of whatever the loop was doing).
-2. At a step's end the ranks agree. One process reads its flag. Under ``torch.distributed``
-   each step's end *starts* an all-reduce (MAX of the signal number, one int64 on a small gloo
-   group, asynchronously) and *reads* the one started at the previous step's end, which has
-   long finished: a CPU tensor on gloo, so no host-device sync and no wait in the loop. Every
-   rank reads the same reduction at the same step, so all agree on the step to stop at: the
-   step after the one at which the signal was seen, at most two steps after it came.
+2. At a step's end the ranks agree. One process reads its flag (an integer comparison per
+   step). Under ``torch.distributed`` the ranks exchange about once a second of training
+   (``agree_every_s``): an exchange *starts* an all-reduce (MAX of the signal number, two
+   int64 on a small gloo group, asynchronously) and *reads* the one the previous exchange
+   started, long finished: a CPU tensor on gloo, so no host-device sync and no wait in the
+   loop. Starting one costs ~0.1-1 ms of the loop's thread on a busy 2-core machine, hence not
+   every step; steps in between cost an integer comparison. The same all-reduce carries each
+   rank's proposal for the steps until the next exchange (from its measured step time; the
+   smallest wins), so every rank reads the same result at the same step and all agree on the
+   step to stop at: one to two exchanges after the signal came.
 3. The checkpoint of that step is written at the start of the next micro-batch, as a periodic
    one is (after the user's ``scheduler.step()``, with the copies taken at the step, see
    :mod:`stoker.runtime.boundary`), so resuming from it is bitwise exact; it is complete on
@@ -34,6 +38,7 @@ reaches a step boundary must stay stoppable, while the two SIGINTs of one Ctrl-C
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 _INTERRUPT_AGAIN_S = 1.0  # a second Ctrl-C this long after the first interrupts at once
+_MOST_STEPS = 100  # between two exchanges: bounds the wait if the steps slow down later
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,8 +78,17 @@ class PreemptionConfig:
 
     signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
     """Signal names; the defaults are what SLURM, torchrun and Ctrl-C send."""
+    agree_every_s: float = 1.0
+    """Under ``torch.distributed``: about how many seconds of training between two of the
+    ranks' exchanges (each costs an all-reduce started; the stop comes one to two exchanges
+    after the signal). 0: at every step."""
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.agree_every_s, int | float) and 0 <= self.agree_every_s <= 60):
+            raise StokerError(
+                f"PreemptionConfig(agree_every_s={self.agree_every_s!r}) must be a number of "
+                "seconds from 0 (every step) to 60; the default is 1.0"
+            )
         if isinstance(self.signals, str) or not self.signals:
             raise StokerError(
                 f"PreemptionConfig(signals={self.signals!r}) must be a non-empty tuple of signal "
@@ -145,9 +160,13 @@ class PreemptionListener(StepListener):
         """The signal the ranks agreed to stop on, 0 until they do."""
         self._group: Any = None
         self._work: Any = None
-        # One int64 reduced in place; its NumPy view reads and writes it without a torch op.
-        self._buffer = torch.zeros(1, dtype=torch.int64)
+        # [signal number, -steps to the next exchange], reduced in place with MAX (so the
+        # ranks get the largest signal and the smallest proposal); its NumPy view reads and
+        # writes it without a torch op.
+        self._buffer = torch.zeros(2, dtype=torch.int64)
         self._view = self._buffer.numpy()
+        self._next_exchange = 0  # the step of the next exchange, the same on every rank
+        self._last: tuple[int, float] | None = None  # (step, time) of this rank's last one
         if ctx.enabled:
             self._group = control_group("the preemption handler's setup (its gloo group)")
         self._restore: weakref.finalize | None = None
@@ -161,7 +180,12 @@ class PreemptionListener(StepListener):
     def on_step_end(self, step: int) -> None:
         if self.agreed:
             return
-        signum = self._exchange() if self._group is not None else self.flag.received
+        if self._group is None:
+            signum = self.flag.received
+        elif step < self._next_exchange:
+            return
+        else:
+            signum = self._exchange(step)
         if not signum:
             return
         self.agreed = signum
@@ -171,22 +195,32 @@ class PreemptionListener(StepListener):
             self._stop(step, None, 0.0)  # nothing to save: no need to wait for the next batch
         services.hold(step)
 
-    def _exchange(self) -> int:
-        """The ranks' MAX of the signal numbers as of the previous step's end (0 for none),
-        and this step's contribution sent on its way."""
-        signum = 0
+    def _exchange(self, step: int) -> int:
+        """The ranks' largest signal number as of the previous exchange (0 for none); unless
+        there is one, this exchange's contribution sent on its way and the next one's step
+        set from the ranks' smallest proposal (the steps in ``agree_every_s`` at the step time
+        measured since this rank's previous exchange)."""
+        signum, every = 0, 1
         work = self._work
         if work is not None:
-            work.wait()  # started a step ago on gloo: done by now
-            signum = int(self._view[0])
+            work.wait()  # started an exchange ago on gloo: done by now
+            signum, every = int(self._view[0]), -int(self._view[1])
         if signum:
             self._work = None
-        else:
-            self._view[0] = self.flag.received
-            self._work = dist.all_reduce(
-                self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True
-            )
-        return signum
+            return signum
+        now = time.monotonic()
+        proposal = 1
+        if self._last is not None and now > self._last[1]:
+            step_s = (now - self._last[1]) / max(1, step - self._last[0])
+            proposal = min(_MOST_STEPS, max(1, math.ceil(self.config.agree_every_s / step_s)))
+        self._last = (step, now)
+        self._view[0] = self.flag.received
+        self._view[1] = -proposal
+        self._work = dist.all_reduce(
+            self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+        )
+        self._next_exchange = step + every
+        return 0
 
     def on_micro_batch(self, step: int, live: bool) -> None:
         if not self.agreed:
