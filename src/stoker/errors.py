@@ -21,11 +21,39 @@ import types
 import weakref
 from collections.abc import Callable
 
-__all__ = ["StokerError", "install_excepthook", "on_failure", "report_failure"]
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
+    "StokerError",
+    "install_excepthook",
+    "on_failure",
+    "report_failure",
+]
 
 
 class StokerError(ValueError):
     """Bad input or an environment that cannot do what was asked; the message says what to do."""
+
+
+PREEMPTED_EXIT_CODE = 143
+"""The exit code of a run stopped by a preemption signal after saving its checkpoint: 128 +
+SIGTERM, what a shell reports for a process ended by SIGTERM, so a scheduler (SLURM, Kubernetes)
+and a job script read it as "terminated", not as the program's failure (1, or 2 for a
+:class:`StokerError`). Requeue on it: ``[ $? -eq 143 ] && scontrol requeue $SLURM_JOB_ID``."""
+
+
+class Preempted(SystemExit):
+    """Ends a run that a signal preempted, once its checkpoint is written (see
+    :mod:`stoker.runtime.preemption`): a ``SystemExit`` with :data:`PREEMPTED_EXIT_CODE`, so
+    the process exits with that code wherever it is raised, and not a failure."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.signal_name = signal_name
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"preempted by {self.signal_name} at step {self.step}"
 
 
 Listener = Callable[[BaseException], None]

@@ -79,7 +79,9 @@ def latest_valid(root: str | Path) -> Path | None:
 def prune(root: str | Path, keep_last: int, *, protect: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints under ``root``; returns those removed.
 
-    ``protect`` (the checkpoint just written) is never removed.
+    ``protect`` (the checkpoint just written) is never removed. Each is renamed aside
+    (``.old-<name>-pruned``) before its files are deleted: a process killed mid-delete leaves a
+    leftover that :func:`remove_leftovers` clears, never a half-deleted ``step-N``.
     """
     if keep_last < 1:
         raise CheckpointError(f"keep_last={keep_last}; keep at least the newest checkpoint (1)")
@@ -88,7 +90,12 @@ def prune(root: str | Path, keep_last: int, *, protect: Path | None = None) -> l
     for _step, path in found[: max(0, len(found) - keep_last)]:
         if protect is not None and path.resolve() == Path(protect).resolve():
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        aside = path.with_name(f".old-{path.name}-pruned")
+        try:
+            path.rename(aside)
+        except OSError:
+            aside = path  # (a rename refused by the filesystem: delete in place)
+        shutil.rmtree(aside, ignore_errors=True)
         removed.append(path)
         log.debug("removed old checkpoint %s", path)
     return removed

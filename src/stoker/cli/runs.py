@@ -20,7 +20,13 @@ from stoker.report import write_index
 NAME = "runs"
 HELP = "list recorded runs (./runs), show one, or diff two: config, code and packages"
 
-_STATUS_STYLE = {"running": "cyan", "finished": "green", "failed": "red", "killed": "yellow"}
+_STATUS_STYLE = {
+    "running": "cyan",
+    "finished": "green",
+    "failed": "red",
+    "killed": "yellow",
+    "preempted": "magenta",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

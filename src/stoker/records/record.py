@@ -2,8 +2,9 @@
 
 Fields (``schema`` 1)::
 
-    id, name, status ("running" | "finished" | "failed" | "killed"), error (type, message,
-    traceback) when failed or killed,
+    id, name, status ("running" | "finished" | "failed" | "killed" | "preempted"), error (type,
+    message, traceback) when failed or killed, preempted (signal, step) when preempted,
+    checkpoint_seconds (step, seconds: the last complete save's time, final or preemption),
     command: argv, orig_argv (with the interpreter's own flags), executable, cwd, script,
              script_args, launcher (the ``stoker run`` command line, when launched by it)
     config (the user's: dataclass, dict or argparse Namespace), settings (stoker's), seeds,
@@ -37,6 +38,7 @@ from stoker import safe_files
 from stoker.errors import StokerError
 
 __all__ = [
+    "ENDED",
     "RECORD",
     "SCHEMA",
     "STATUSES",
@@ -53,7 +55,10 @@ METRICS = "metrics.jsonl"
 CONSOLE = "console.log"
 SCHEMA = 1
 RECORD_LIMIT = 16 << 20  # bytes; a record is a few KB (its traceback is capped at 20 KB)
-STATUSES = ("running", "finished", "failed", "killed")
+ENDED = ("finished", "failed", "killed", "preempted")
+"""The statuses of a run that ended; ``preempted``: a signal stopped it after its checkpoint
+(``record["preempted"]`` says which signal, at which step)."""
+STATUSES = ("running", *ENDED)
 
 
 def now_iso() -> str:

@@ -10,7 +10,9 @@ nothing but whose ``dir`` is the shared one (for checkpoints).
 
 The final status is written without the user asking: ``finished`` at a normal exit (atexit),
 ``failed`` with the exception when one escapes (:func:`stoker.errors.on_failure`) or the
-``with`` block, ``killed`` on SIGTERM (torchrun's way of stopping workers) or Ctrl-C. A
+``with`` block, ``killed`` on SIGTERM (torchrun's way of stopping workers) or Ctrl-C, unless
+a :class:`~stoker.Stoker` handles those signals (the default, see
+:mod:`stoker.runtime.preemption`): then ``preempted``, with the signal and the step. A
 SIGKILLed process writes nothing; ``stoker runs`` infers ``killed`` when the status still says
 running but the process is gone (same host) or the heartbeat is stale (another host).
 
@@ -43,13 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stoker.errors import StokerError, on_failure
+from stoker.errors import Preempted, StokerError, on_failure
 from stoker.records import environment
 from stoker.records import git as _git
 from stoker.records.console import ConsoleTee
 from stoker.records.metrics import MetricsLogger
 from stoker.records.record import (
     CONSOLE,
+    ENDED,
     METRICS,
     PATCH,
     RECORD,
@@ -253,11 +256,13 @@ class Run:
             self._write("the heartbeat")
 
     def finish(self, status: str = "finished", error: BaseException | str | None = None) -> None:
-        """Write the final status (``finished``/``failed``/``killed``) and close the files."""
+        """Write the final status (``finished``/``failed``/``killed``/``preempted``) and close
+        the files. ``preempted`` with a :class:`~stoker.errors.Preempted` records its signal
+        and step as ``preempted``, not as an error."""
         if not self.enabled or self._done or os.getpid() != self._pid:
             return
-        if status not in ("finished", "failed", "killed"):
-            raise StokerError(f"finish(status={status!r}); use 'finished', 'failed' or 'killed'")
+        if status not in ENDED:
+            raise StokerError(f"finish(status={status!r}); use one of {', '.join(ENDED)}")
         self._done = True
         self._uninstall_hooks()
         if self._metrics is not None:
@@ -270,7 +275,9 @@ class Run:
             self.record["ended"] = now_iso()
             self.record["heartbeat"] = self.record["ended"]
             self.record["summary"] = self._summary()
-            if isinstance(error, BaseException):
+            if isinstance(error, Preempted):
+                self.record["preempted"] = {"signal": error.signal_name, "step": error.step}
+            elif isinstance(error, BaseException):
                 tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
                 self.record["error"] = {
                     "type": type(error).__name__,
@@ -320,9 +327,12 @@ class Run:
 
     def end(self, error: BaseException | None = None) -> None:
         """Finish with the status ``error`` means: none (or ``SystemExit(0)``) ``finished``,
-        ``KeyboardInterrupt`` (Ctrl-C, SIGINT) ``killed``, anything else ``failed``."""
+        :class:`~stoker.errors.Preempted` ``preempted``, ``KeyboardInterrupt`` (Ctrl-C,
+        SIGINT) ``killed``, anything else ``failed``."""
         if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
             self.finish("finished")
+        elif isinstance(error, Preempted):
+            self.finish("preempted", error)
         elif isinstance(error, KeyboardInterrupt):
             self.finish("killed", error)
         else:

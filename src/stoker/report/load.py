@@ -316,6 +316,12 @@ def _attempts(record: dict[str, Any], t0: float | None, status: str) -> list[Eve
         steps = (record.get("summary") or {}).get("steps")
         s = float(steps) if isinstance(steps, int | float) else math.nan
         events.append(Event("end", s, t, f"run {status}{why}"))
+    elif status == "preempted":
+        where = record.get("preempted") or {}
+        t = ended - t0 if ended is not None and t0 is not None else math.nan
+        step = where.get("step")
+        s = float(step) if isinstance(step, int | float) else math.nan
+        events.append(Event("end", s, t, f"run preempted by {where.get('signal')} at step {step}"))
     return events
 
 

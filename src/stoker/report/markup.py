@@ -51,7 +51,7 @@ pre.diff .hunk{color:#6f42c1}
 height:3px;margin-right:5px;vertical-align:middle}
 .sev-high{color:#b31d28;font-weight:600}.sev-medium{color:#b06d00;font-weight:600}
 .status-finished{color:#22863a}.status-failed,.status-killed{color:#b31d28}
-.status-running{color:#0366d6}
+.status-running{color:#0366d6}.status-preempted{color:#b08800}
 svg.chart{display:block;font:10px system-ui,sans-serif}
 svg.chart .plot{fill:#fff;stroke:#c9ced6}svg.chart .grid{stroke:#eceef1}
 svg.chart text{fill:#5b6475}svg.chart .label{fill:#1d2433;font-size:11px}

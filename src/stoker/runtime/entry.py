@@ -4,7 +4,8 @@ Running the script through this module keeps one promise of stoker's: a
 :class:`~stoker.StokerError` raised anywhere in the script ends the worker with one line on
 stderr and exit code 2, not a traceback. Catching it here keeps it from stoker's excepthook, so
 the failure is reported (:func:`~stoker.errors.report_failure`) for the run to record it; so is
-a ``sys.exit`` with a non-zero code.
+a ``sys.exit`` with a non-zero code. A preempted run (:class:`~stoker.errors.Preempted`) exits with
+its code and is not reported as a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from stoker.errors import StokerError, report_failure
+from stoker.errors import Preempted, StokerError, report_failure
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> int:
         report_failure(exc)
         print(f"stoker: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # not a failure: the run saved its checkpoint and says so
+        return int(exc.code)  # type: ignore[arg-type]
     except SystemExit as exc:
         code = exc.code
         if code is None or code == 0:

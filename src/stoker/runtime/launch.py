@@ -14,6 +14,14 @@ is the host name's address too, falling back to loopback). Unless told, ``stoker
 the address this machine uses to reach the rendezvous endpoint (the source address the kernel
 picks for a route to it) and the interface that holds it, so every worker connection goes
 over the link to the other nodes.
+
+Preemption (see :mod:`stoker.runtime.preemption`): the agent handles SIGTERM, SIGINT, SIGHUP,
+SIGQUIT *and SIGUSR1* (torchrun's ``--signals-to-handle``; torchrun alone leaves SIGUSR1, which
+SLURM's ``--signal=B:USR1@120`` sends, to kill itself: pytorch#154849) and passes the signal on
+to every worker, which saves the step's checkpoint and exits with code 143. The agent then
+waits ``--shutdown-timeout`` seconds before SIGKILLing the workers: ``stoker run`` sizes it from
+the last save this run directory measured (``record.json``'s ``checkpoint_seconds``), never
+below torchrun's 30 s, and says so in one line. ``stoker run`` itself then exits with 143.
 """
 
 from __future__ import annotations
@@ -22,24 +30,37 @@ import fcntl
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
+import signal
 import socket
 import struct
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from stoker.errors import StokerError
+from stoker.errors import PREEMPTED_EXIT_CODE, StokerError
 
 __all__ = [
+    "AGENT_SIGNALS",
+    "TORCHRUN_GRACE_S",
     "LaunchConfig",
     "WorkerFailed",
     "for_this_node",
+    "grace_seconds",
     "interface_addresses",
     "launch",
     "torchrun_argv",
 ]
+
+
+GRACE_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's own; an explicit one is kept
+TORCHRUN_GRACE_S = 30
+"""torchrun's default time between the signal it passes on to its workers and its SIGKILL."""
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""What the agent handles and passes on to the workers: torchrun's defaults, plus SIGUSR1."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +90,9 @@ class LaunchConfig:
     machine uses to reach ``rdzv_endpoint``."""
     rdzv_conf: str | None = None
     """torchrun's ``--rdzv-conf``, ``KEY=VALUE,...`` (e.g. ``last_call_timeout=5``)."""
+    grace: int = TORCHRUN_GRACE_S
+    """Seconds the workers get to save and exit after a signal before the agent SIGKILLs them
+    (torchrun's ``--shutdown-timeout``); :func:`launch` raises it from a measured save."""
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -139,6 +163,7 @@ def _node_argv(config: LaunchConfig) -> list[str]:
 def torchrun_argv(config: LaunchConfig) -> list[str]:
     """The ``torchrun`` command line equivalent to ``config`` (without the program name)."""
     argv = ["--nproc-per-node", str(config.nproc), "--max-restarts", str(config.max_restarts)]
+    argv += ["--signals-to-handle", AGENT_SIGNALS, "--shutdown-timeout", str(config.grace)]
     if config.nnodes == "1" and not config.rdzv_endpoint:
         argv.append("--standalone")
     else:
@@ -257,8 +282,34 @@ def for_this_node(config: LaunchConfig) -> tuple[LaunchConfig, dict[str, str]]:
     return replace(config, local_addr=addr, rdzv_conf=rdzv_conf), env
 
 
+def grace_seconds(run_dir: Path) -> tuple[int, str]:
+    """The workers' grace period after a signal, and one line saying where it comes from.
+
+    Three times the last complete save ``run_dir`` measured, plus 10 s for the step or two the
+    ranks take to agree and for the run's own exit; never below torchrun's 30 s.
+    """
+    from stoker.records import read_record
+
+    try:
+        measured = read_record(run_dir).get("checkpoint_seconds") or {}
+    except (OSError, ValueError):
+        measured = {}
+    seconds = measured.get("seconds") if isinstance(measured, dict) else None
+    if not isinstance(seconds, int | float):
+        return TORCHRUN_GRACE_S, (
+            f"workers get torchrun's {TORCHRUN_GRACE_S} s after a signal to save and exit "
+            "(no save measured yet in this run directory)"
+        )
+    grace = max(TORCHRUN_GRACE_S, math.ceil(3 * seconds + 10))
+    return grace, (
+        f"workers get {grace} s after a signal to save and exit (the last save took "
+        f"{seconds:.1f} s; torchrun's default is {TORCHRUN_GRACE_S} s)"
+    )
+
+
 def launch(config: LaunchConfig) -> int:
     """Run the job to completion; returns the exit code (0 when every worker succeeded)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
@@ -284,12 +335,19 @@ def launch(config: LaunchConfig) -> int:
             "that joins after the first checkpoint stops the job with one line",
             file=sys.stderr,
         )
-    argv = torchrun_argv(config)
-    args = get_args_parser().parse_args(argv)
     # One run directory for every worker and every restart of this job: a restarted worker
     # finds the last good checkpoint there and resumes (Stoker's resume="auto").
     if RUN_DIR_ENV not in os.environ:
         os.environ[RUN_DIR_ENV] = str(resolve_run_dir(Path(config.script).stem))
+    run_dir = Path(os.environ[RUN_DIR_ENV])
+    if GRACE_ENV in os.environ:
+        print(f"stoker run: workers get ${GRACE_ENV} s after a signal", file=sys.stderr)
+        grace = int(os.environ[GRACE_ENV])
+    else:
+        grace, why = grace_seconds(run_dir)
+        print(f"stoker run: {why}", file=sys.stderr)
+    argv = torchrun_argv(replace(config, grace=grace))
+    args = get_args_parser().parse_args(argv)
     os.environ[LAUNCH_COMMAND_ENV] = json.dumps(command)
     if config.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 thread per worker (and warn); share this machine's cores instead.
@@ -300,8 +358,14 @@ def launch(config: LaunchConfig) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
+    except SignalException as exc:
+        return _signalled(exc.sigval, run_dir)
     except ChildFailedError as exc:
         failures = exc.failures
+        if _recorded_preemption(run_dir) is not None:
+            # The workers were signalled directly (SLURM signals every process of the step),
+            # not through the agent; once one had exited the agent stopped the others.
+            return _signalled(None, run_dir)
         rank, first = min(failures.items())
         raise WorkerFailed(
             f"{len(failures)} worker(s) failed; first: rank {rank} exited with code "
@@ -311,6 +375,43 @@ def launch(config: LaunchConfig) -> int:
     except RendezvousError as exc:
         raise StokerError(_rendezvous_failed(config, exc)) from None
     return 0
+
+
+def _recorded_preemption(run_dir: Path) -> dict[str, Any] | None:
+    """``record.json``'s ``preempted`` (signal, step) if this attempt ended preempted (each
+    attempt's start sets the status back to ``running``)."""
+    from stoker.records import read_record
+
+    try:
+        record = read_record(run_dir)
+    except (OSError, ValueError):
+        return None
+    preempted = record.get("preempted")
+    return (
+        preempted if record.get("status") == "preempted" and isinstance(preempted, dict) else None
+    )
+
+
+def _signalled(signum: int | None, run_dir: Path) -> int:
+    """The exit code after a signal stopped the job: 143 when the run recorded its preemption
+    (its checkpoint is written: requeue), else 128 + the signal, as a shell reports it."""
+
+    name = signal.Signals(signum).name if signum is not None else "a signal"
+    preempted = _recorded_preemption(run_dir)
+    if preempted is not None:
+        print(
+            f"stoker run: {name}: the workers saved step {preempted.get('step')} and stopped; "
+            f"exit code {PREEMPTED_EXIT_CODE} (preempted: run the same command again to resume)",
+            file=sys.stderr,
+        )
+        return PREEMPTED_EXIT_CODE
+    code = 128 + signum if signum is not None else 1
+    print(
+        f"stoker run: {name}: the workers stopped without recording a preemption (no stoker "
+        f"run, or it had not started its steps); exit code {code}",
+        file=sys.stderr,
+    )
+    return code
 
 
 def _rendezvous_failed(config: LaunchConfig, exc: Exception) -> str:

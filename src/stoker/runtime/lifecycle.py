@@ -16,6 +16,10 @@ state:
   ``close(failed=exc)`` says the same explicitly. A failed run gets no final checkpoint and no
   doctor report, and its record says ``failed`` (``killed`` for Ctrl-C) with the error.
   ``sys.last_value`` is not consulted: a REPL keeps it for good, long after the error.
+  A preemption (:class:`~stoker.errors.Preempted`, a ``SystemExit``: no excepthook sees it)
+  is known to the run's services instead, and ``close`` ends the run ``preempted``, with the
+  ranks' barrier but without a final checkpoint or doctor report (see
+  :mod:`stoker.runtime.preemption`).
 
 The exit hook holds the Stoker weakly, so a Stoker nobody references any more is collected
 with its model instead of living until exit. If ``close`` fails there (a rank that never came

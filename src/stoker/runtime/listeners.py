@@ -4,8 +4,9 @@ run record. See :class:`~stoker.runtime.step.StepListener` for when each call co
 
 Attached in this order, so closed in the reverse one when the run ends::
 
-    RecordListener   record.json says finished / failed / killed      (closes last)
-    RanksListener    ranks leave together (not after a failure)
+    RecordListener   record.json says finished / failed / killed / preempted  (closes last)
+    RanksListener    ranks leave together (not after a failure; after a preemption too)
+    PreemptionListener  signal -> checkpoint -> exit 143 (runtime/preemption.py)
     DoctorListener   the doctor's report (not after a failure)
     StepMeters       the meters' summary into record.json (stoker.meters.live)
     RunServices      the final checkpoint (not after a failure)      (closes first)
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from stoker.errors import StokerError
+from stoker.errors import Preempted, StokerError
 from stoker.runtime.distributed import wait_for_ranks
 from stoker.runtime.step import StepListener
 
@@ -78,7 +79,8 @@ class RanksListener(StepListener):
         self.group = group
 
     def close(self, failed: BaseException | None) -> None:
-        if failed is None and dist.is_initialized():
+        # A preempted run (all ranks stopped at one step, checkpoint written) is not a failure.
+        if (failed is None or isinstance(failed, Preempted)) and dist.is_initialized():
             wait_for_ranks(self.group, "the end of the run (Stoker.close)")
 
 

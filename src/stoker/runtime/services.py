@@ -17,6 +17,7 @@ through the data pipeline before the random generators are put back to their sav
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from stoker.runtime.step import StepListener
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
+    from stoker.errors import Preempted
     from stoker.records import RecordConfig, Run, Tracker
 
 __all__ = ["RESUME_CHOICES", "RunServices"]
@@ -102,6 +104,9 @@ class RunServices(StepListener):
         self.pending: _Pending | None = None
         self.step = 0
         """The last step seen (at attach or a step's end): the final checkpoint's."""
+        self.preempted: Preempted | None = None
+        """Set when a signal preempted the run (see :mod:`stoker.runtime.preemption`): its
+        checkpoint is written, the run ends ``preempted``."""
         self._boundary_keys: tuple[str, ...] = ()
         self._boundary: StepBoundary | None = None
         self._checked_step = -1
@@ -236,17 +241,63 @@ class RunServices(StepListener):
         with written_as_of(self.state, boundary) as state:
             self.checkpointer.maybe_save(step, state)
 
+    def hold(self, step: int) -> None:
+        """At the step: copy what a checkpoint of ``step`` must hold as of now, whether or not
+        one is due (a preemption's save comes next, see :meth:`save_now`)."""
+        self.step = step
+        if self.state is not None and self.checkpointer is not None:
+            self._boundary = capture_boundary(step, self.state, self._boundary_keys)
+
+    def save_now(self, step: int, live: bool) -> Path | None:
+        """At the start of the next micro-batch: write the checkpoint of ``step`` whatever the
+        schedule, with the copies :meth:`hold` took (unless nothing moved since, ``live``), and
+        wait until it is complete on disk (the process exits next). Returns its path, or None
+        if it could not be written (``on_error="warn"``)."""
+        if self.checkpointer is None or self.state is None:
+            return None
+        started = time.monotonic()
+        saved = self._saved(step)
+        self._checked_step = step
+        boundary, self._boundary = self._boundary, None
+        if live or boundary is None or boundary.step != step:
+            path = self.checkpointer.save(step, self.state)
+        else:
+            with written_as_of(self.state, boundary) as state:
+                path = self.checkpointer.save(step, state)
+        self.checkpointer.wait()
+        if not saved:
+            self._measured(step, time.monotonic() - started)
+        return path
+
+    def _saved(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` is already written (saving it again does
+        nothing, and measures nothing)."""
+        from stoker.checkpoint import checkpoint_name
+
+        latest = self.checkpointer.latest if self.checkpointer is not None else None
+        return latest is not None and latest.name == checkpoint_name(step)
+
+    def _measured(self, step: int, seconds: float) -> None:
+        """``record.json``'s ``checkpoint_seconds``: how long the last complete save took (the
+        final or a preemption's; ``stoker run`` sizes the workers' grace period from it)."""
+        if self.run is not None:
+            self.run.update(checkpoint_seconds={"step": step, "seconds": round(seconds, 3)})
+
     def close(self, failed: BaseException | None) -> None:
-        """Final checkpoint (none for a failed run: its state may be broken, nor at step 0);
-        background writes finished."""
+        """Final checkpoint (none for a failed run: its state may be broken, nor at step 0, nor
+        after a preemption: its own is written); background writes finished."""
         if self._closed:
             return
         self._closed = True
         if self.checkpointer is not None:
             # No step taken, nothing to keep: a checkpoint of step 0 only when asked for
             # (save_checkpoint()) or due by the config.
-            if failed is None and self.state is not None and self.step > 0:
+            final = failed is None and self.preempted is None
+            if final and self.state is not None and self.step > 0 and not self._saved(self.step):
+                started = time.monotonic()
                 self.checkpointer.save(self.step, self.state)
+                self.checkpointer.wait()
+                self._measured(self.step, time.monotonic() - started)
             self.checkpointer.close()
 
     def save(self, step: int) -> Path | None:
@@ -260,6 +311,7 @@ class RunServices(StepListener):
 
     # -- the end ----------------------------------------------------------------------------
     def finish(self, error: BaseException | None) -> None:
-        """Close the record: ``finished``, or ``failed`` / ``killed`` with ``error``."""
+        """Close the record: ``finished``, ``preempted`` with the signal and step, or
+        ``failed`` / ``killed`` with ``error``."""
         if self.run is not None:
-            self.run.end(error)
+            self.run.end(self.preempted if self.preempted is not None else error)

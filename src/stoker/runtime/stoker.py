@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stoker.errors import StokerError, install_excepthook
+from stoker.errors import Preempted, StokerError, install_excepthook
 from stoker.runtime.device import resolve_device
 from stoker.runtime.distributed import (
     DistributedContext,
@@ -39,6 +39,7 @@ from stoker.runtime.lifecycle import Lifecycle
 from stoker.runtime.listeners import DoctorListener, RanksListener, RecordListener
 from stoker.runtime.model import PreparedModel, unwrap_model
 from stoker.runtime.precision import PrecisionPolicy, resolve_precision
+from stoker.runtime.preemption import PreemptionConfig, PreemptionListener
 from stoker.runtime.prepared import (
     DataClock,
     PreparedLoader,
@@ -142,6 +143,11 @@ class Stoker:
             local store in the run directory, or ``stoker.records.MLflowTracker(uri=...)``);
             optional extras: ``pip install 'stoker[tensorboard]'`` / ``'stoker[mlflow]'``.
             ``metrics.jsonl`` stays the source of truth; see :mod:`stoker.records.trackers`.
+        preemption: on SIGTERM, SIGINT or SIGUSR1 (what SLURM, torchrun and Ctrl-C send), all
+            ranks save the checkpoint of the step and the process exits with code 143
+            (:data:`~stoker.errors.PREEMPTED_EXIT_CODE`; record status ``preempted``);
+            ``resume="auto"`` continues exactly. A :class:`~stoker.PreemptionConfig` for other
+            signals, ``False`` to leave signals alone. See :mod:`stoker.runtime.preemption`.
 
     Example:
         >>> import torch
@@ -174,6 +180,7 @@ class Stoker:
         activation_checkpointing: Any = False,
         meters: MetersConfig | bool = True,
         trackers: Sequence[str | Tracker] = (),
+        preemption: PreemptionConfig | bool = True,
     ) -> None:
         install_excepthook()
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -182,6 +189,11 @@ class Stoker:
             )
         if not isinstance(compile, bool):
             raise StokerError(f"compile={compile!r} must be True or False")
+        if not isinstance(preemption, PreemptionConfig | bool):
+            raise StokerError(
+                f"preemption={preemption!r}; pass True (the default), False or a "
+                "stoker.PreemptionConfig"
+            )
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.policy = PrecisionPolicy(self.precision, self.device.type)
@@ -236,6 +248,10 @@ class Stoker:
         self._steps.add_listener(RecordListener(self.services))
         if self.dist.group is not None:
             self._steps.add_listener(RanksListener(self.dist.group))
+        if preemption is not False:
+            # Before the checkpoints' listener (attached at prepare): its save comes first.
+            config = preemption if isinstance(preemption, PreemptionConfig) else PreemptionConfig()
+            self._steps.add_listener(PreemptionListener(config, self.services, self.dist))
         self._lifecycle = Lifecycle(self.close)
 
     # -- the step's counters (owned by self._steps) ------------------------------------------
@@ -553,8 +569,8 @@ class Stoker:
         return self.services.save(self.step)
 
     def close(self, failed: BaseException | None = None) -> None:
-        """End the run: final checkpoint and doctor report (unless it failed), pending writes
-        finished, the record closed as finished, failed or killed.
+        """End the run: final checkpoint and doctor report (unless it failed or was preempted),
+        pending writes finished, the record closed as finished, failed, killed or preempted.
 
         Runs by itself at interpreter exit, knowing whether an exception is ending the program;
         call it to end earlier, with ``failed=exc`` if the run failed. Ranks leave together: a
@@ -567,10 +583,15 @@ class Stoker:
             return
         self._closed = True
         failure = failed if failed is not None else self._lifecycle.failure
+        if failure is None:
+            # A preemption ends the run like an error (no final checkpoint over its own, no
+            # doctor report: the grace period is short) but ranks still leave together.
+            failure = self.services.preempted
         # Final checkpoint, doctor report, ranks' barrier, record: see listeners.py. Raises
         # the first error any of them raised, once all have closed.
         self._steps.close(failure)
-        if failure is None and self.dist.owns_group and dist.is_initialized():
+        ended = failure is None or isinstance(failure, Preempted)
+        if ended and self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def state_dict(self) -> dict[str, Any]:
