@@ -2,7 +2,7 @@
 
     python preempt_job.py OUT [--steps 30] [--signal-at K] [--signal SIGTERM] [--signal-rank R]
                               [--storm] [--no-record] [--async-save] [--wait-for-signal K]
-                              [--agree-every SECONDS]
+                              [--agree-every SECONDS] [--strategy auto|fsdp]
 
 Trains with a prepared shuffled DataLoader, dropout, an in-loop ``torch.randint`` draw (the
 RNG moves between the step and the next micro-batch, as in nanoGPT), a scheduler and tracked
@@ -39,6 +39,7 @@ parser.add_argument("--no-record", action="store_true")
 parser.add_argument("--async-save", action="store_true")
 parser.add_argument("--wait-for-signal", type=int, default=None)
 parser.add_argument("--agree-every", type=float, default=0.0, help="PreemptionConfig's")
+parser.add_argument("--strategy", default="auto", help="Stoker's (fsdp: OUT holds rank 0's shards)")
 args = parser.parse_args()
 
 torch.set_num_threads(1)
@@ -50,6 +51,7 @@ stoker = Stoker(
     checkpoint=CheckpointConfig(every_steps=7, async_save=args.async_save),
     doctor=False,
     preemption=PreemptionConfig(agree_every_s=args.agree_every),
+    strategy=args.strategy,
 )
 data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
 loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
@@ -90,10 +92,16 @@ while stoker.step < args.steps:
             time.sleep(0.05)
         if stoker.step == args.steps:
             break
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+
+
 if stoker.is_main:
-    state = {f"model.{k}": v for k, v in stoker.unwrap(model).state_dict().items()}
+    state = {f"model.{k}": local(v) for k, v in stoker.unwrap(model).state_dict().items()}
     for i, s in enumerate(optimizer.state_dict()["state"].values()):
-        state.update({f"opt{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
+        state.update({f"opt{i}.{k}": local(v) for k, v in s.items() if torch.is_tensor(v)})
     state["noise_sum"] = progress["noise_sum"]
     state["resumed_from"] = torch.tensor(-1 if stoker.resumed_from is None else stoker.resumed_from)
     torch.save(state, args.out)

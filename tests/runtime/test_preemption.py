@@ -108,20 +108,22 @@ def test_without_a_run_directory_it_says_nothing_was_saved(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_sigterm_to_one_rank_stops_both_at_one_step(tmp_path, strategy):
     # Rank 1 alone gets SIGTERM during step 9; the ranks agree at the end of step 10 (the
-    # all-reduce started at step 9's end is read at step 10's), and both save step 10.
+    # all-reduce started at step 9's end is read at step 10's), and both save step 10 (under
+    # FSDP each its own shards, compared here on rank 0).
     steps = "20"
-    ref_done, ref_out = _job(tmp_path / "ref", "--steps", steps, nproc=2)
+    ref_done, ref_out = _job(tmp_path / "ref", "--steps", steps, "--strategy", strategy, nproc=2)
     assert ref_done.returncode == 0, ref_done.stderr[-3000:]
     run_dir = tmp_path / "run"
-    args = ("--steps", steps, "--signal-at", "9", "--signal-rank", "1")
+    args = ("--steps", steps, "--signal-at", "9", "--signal-rank", "1", "--strategy", strategy)
     done, _ = _job(run_dir, *args, nproc=2)
     _assert_preempted(done, run_dir, "SIGTERM", 10)
     ranks = {p.name for p in (run_dir / "checkpoints" / "step-00000010").glob("rank-*.json")}
     assert ranks == {"rank-00000.json", "rank-00001.json"}
     assert "exit code 143" in done.stderr  # stoker run's own line
-    resumed, out = _job(run_dir, "--steps", steps, nproc=2)
+    resumed, out = _job(run_dir, "--steps", steps, "--strategy", strategy, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = _final(out)
     assert int(final["resumed_from"]) == 10
