@@ -5,8 +5,10 @@ after a warm-up step, and stops when throughput stops improving, when memory wou
 when the time bound would be passed. Out of memory is survived: on CUDA,
 ``torch.cuda.OutOfMemoryError`` (the cache is emptied and the size marked "oom"); on CPU the
 process would be killed instead of raising, so a **memory budget** is enforced by prediction:
-the peak resident memory a size added over the start is measured (``ru_maxrss``), assumed to
-grow linearly with the batch size, and a size predicted to exceed the budget is not run.
+the peak resident memory each size added is measured (on Linux its own high-water mark, reset
+through ``/proc/self/clear_refs`` before each trial; elsewhere the process's ``ru_maxrss``
+growth), assumed to grow linearly with the batch size, and a size predicted to exceed the
+budget is not run.
 
 The recommendation is the *smallest* size whose throughput is within ``margin`` of the best
 measured (a smaller batch takes more optimizer steps per sample, which usually helps accuracy
@@ -91,6 +93,31 @@ def _peak_rss() -> int:
     """Peak resident memory of this process so far, in bytes (Linux: KiB, macOS: bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` (Linux), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _start_peak_window() -> int | None:
+    """Linux: restart the resident-memory high-water mark (``clear_refs`` 5) and return the
+    resident memory now, so that a trial's peak is its own, whatever ran before it in this
+    process; None elsewhere (then the process's peak RSS is used, which a higher earlier peak
+    hides)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
 
 
 def _available_memory() -> int:
@@ -187,6 +214,7 @@ def find_batch_size(
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 cuda_start = torch.cuda.memory_allocated()
+            window = _start_peak_window()
             began = time.perf_counter()
             try:
                 for _ in range(warmup):
@@ -209,7 +237,11 @@ def find_batch_size(
             if cuda:
                 memory = torch.cuda.max_memory_allocated() - cuda_start
             else:
-                memory = max(0, _peak_rss() - start_rss)
+                high = _status_bytes("VmHWM") if window is not None else None
+                if window is not None and high is not None:
+                    memory = max(0, high - window)
+                else:
+                    memory = max(0, _peak_rss() - start_rss)
             trials.append(BatchSizeTrial(size, speed, memory, "ok"))
             last = (size, now - began, memory)
             bar.advance(task)
