@@ -114,7 +114,7 @@ def meters_overhead(bench: Bench, root: Path) -> dict[str, float]:
             [Candidate("meters off", off), Candidate("meters on", on)],
             baseline="meters off",
             number=number,
-            repeats=None if args.quick else max(args.repeats, 20),
+            repeats=None if args.quick else max(args.repeats or 0, 20),
         )
         ratios[workload] = result["meters on"].ratio
         assert stoker_on.meters is not None and stoker_off.meters is None

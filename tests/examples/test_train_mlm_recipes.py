@@ -1,4 +1,4 @@
-"""The main job's recipes: ``--recipe fast`` (one-cycle + sequence-length warm-up) and the
+"""The main job's recipes: ``--recipe fast`` (sequence-length warm-up) and the
 mid-training validation ``benchmarks/time_to_accuracy.py`` reads."""
 
 import importlib.util
@@ -14,9 +14,9 @@ def _load():
     return module
 
 
-def test_fast_recipe_resolves_to_one_cycle_and_seq_warmup():
+def test_fast_recipe_resolves_to_seq_warmup():
     args = _load().parse_args(["--recipe", "fast"])
-    assert (args.schedule, args.seq_warmup, args.budget_minutes) == ("one-cycle", 0.3, 0.0)
+    assert (args.schedule, args.seq_warmup, args.budget_minutes) == ("cosine", 0.3, 0.0)
     plain = _load().parse_args([])
     assert (plain.schedule, plain.seq_warmup) == ("cosine", 0.0)
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 class StepListener(Protocol):
     """What attaches at step boundaries: checkpoints, the doctor, the run record, the ranks'
-    final barrier, the meters (and later preemption).
+    final barrier, the meters, preemption.
 
     Why these three calls and no more:
 
