@@ -1,6 +1,8 @@
 """Finders: LR suggestion inside the scan and the model untouched; batch size survives OOM
 within its time bound; threads picks the measured best."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -115,20 +117,21 @@ def test_batch_size_stops_at_the_time_bound_and_memory_budget():
     assert result.stopped == "time"
     assert any(t.status == "time" for t in result.trials)
 
-    def hungry(size):
-        return bytearray(size * 2**20)  # ~1 MiB per sample, freed at once
-
-    result = find_batch_size(
-        hungry,
-        candidates=[1, 2, 4, 8, 64, 512],
-        steps=1,
-        warmup=0,
-        memory_budget=48 * 2**20,
-        min_gain=-1.0,
-        progress=False,
-    )
-    assert result.stopped == "memory budget"
-    assert {t.batch_size for t in result.trials if t.status == "memory budget"} >= {512}
+    # The memory budget, in a fresh process: in one that already freed a lot (the test suite),
+    # allocations are served from memory it still holds and its resident size does not grow,
+    # so the finder (which measures resident memory) would rightly see nothing to predict.
+    code = """
+from stoker.tune import find_batch_size
+def hungry(size):
+    return bytearray(size * 2**20)  # ~1 MiB per sample, freed at once
+result = find_batch_size(hungry, candidates=[1, 2, 4, 8, 64, 512], steps=1, warmup=0,
+                         memory_budget=48 * 2**20, min_gain=-1.0, progress=False)
+print(result.stopped, sorted(t.batch_size for t in result.trials if t.status == "memory budget"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stopped, _, skipped = done.stdout.strip().partition(" ")
+    assert stopped == "memory" and "512" in skipped, done.stdout
 
 
 def test_recommendation_within_margin_and_lr_rules():
