@@ -103,7 +103,7 @@ def _run_mlp(
     stoker = Stoker(
         device="cpu",
         precision="fp32",
-        meters=meters or MetersConfig(every_steps=5),
+        meters=meters or MetersConfig(every_steps=5, min_seconds=0),
         record=RecordConfig(directory=tmp_path / "run", save_code=False, flush_seconds=0.01),
     )
     layers = [torch.nn.Linear(d[0], d[1]), torch.nn.ReLU(), torch.nn.Linear(d[1], d[2])]
@@ -198,7 +198,7 @@ def test_data_wait_share_sees_a_slow_loader(tmp_path):
     stoker, _, _ = _run_mlp(
         tmp_path,
         12,
-        meters=MetersConfig(every_steps=4),
+        meters=MetersConfig(every_steps=4, min_seconds=0),
         batch=8,
         d=(8, 8, 8),
         loader_delay=0.02,
@@ -244,38 +244,95 @@ def test_meters_off_and_bad_input(tmp_path):
         MetersConfig(every_steps=0)
 
 
-def test_the_meters_step_end_is_a_few_list_stores(tmp_path):
-    """The per-step work: no tensor op, no allocation beyond list stores (design for <= 1%
-    of a step; benchmarks/report.py measures the ratio on real steps)."""
-    from stoker.meters import MetersConfig, StepMeters
+def _training_step():
+    """A real training step (one process, no accumulation) for the meters to listen to:
+    ``step_done()`` ends an optimizer step, logs its end and calls them when they asked."""
+    from stoker.runtime.distributed import DistributedContext
+    from stoker.runtime.step import TrainingStep
+
+    return TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+
+
+def _meters(steps, config, write, kind=None, **kwargs):
+    from stoker.meters import StepMeters
     from stoker.runtime.prepared import DataClock
 
-    class Steps:
-        last_tokens = torch.tensor(5.0)
-
-    lines = []
-    meters = StepMeters(
-        MetersConfig(every_steps=1000, flops_per_step=1.0),
-        steps=Steps(),
+    meters = (kind or StepMeters)(
+        config,
+        steps=steps,
         clock=DataClock(),
         device=torch.device("cpu"),
         dtype="fp32",
         count=False,
-        write=lambda compute, step: lines.append(step),
+        write=write,
+        **kwargs,
     )
-    meters.on_step_end(1)  # timing starts
+    steps.add_listener(meters)
+    return meters
+
+
+def test_a_step_with_the_meters_on_calls_them_once_a_window(tmp_path):
+    """The per-step work: the step appends its end time to the log; the meters are called
+    once a window, not every step (benchmarks/report.py measures the ratio on real steps)."""
+    from stoker.meters import MetersConfig, StepMeters
+
+    calls = []
+
+    class Counted(StepMeters):
+        def on_step_end(self, step):
+            calls.append(step)
+            return super().on_step_end(step)
+
+    steps = _training_step()
+    lines = []
+    _meters(
+        steps,
+        MetersConfig(every_steps=1000, min_seconds=0, flops_per_step=1.0),
+        lambda compute, step: lines.append(step),
+        kind=Counted,
+    )
+    steps.step_done()  # timing starts
     n = 20_000
     t0 = time.perf_counter()
-    for step in range(2, n + 2):
-        meters.on_step_end(step)
+    for _ in range(n):
+        steps.step_done()
     per_step = (time.perf_counter() - t0) / n
     assert lines == list(range(1001, n + 2, 1000))
+    assert calls == [1, 2, *range(1001, n + 2, 1000)]
     assert per_step < 20e-6, per_step  # ~1 µs on a quiet core; generous for shared ones
 
 
+def test_a_window_lasts_min_seconds_at_least(monkeypatch):
+    """Fast steps get fewer, longer windows: every_steps steps *and* min_seconds per line."""
+    import types
+
+    from stoker.meters import MetersConfig, live
+    from stoker.runtime import step as step_module
+
+    now = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(live, "time", clock)
+    monkeypatch.setattr(step_module, "time", clock)
+    steps = _training_step()
+    lines: list[int] = []
+    _meters(
+        steps,
+        MetersConfig(every_steps=5, min_seconds=1.0, flops_per_step=1.0),
+        lambda compute, step: lines.append(step),
+    )
+    steps.step_done()  # timing starts at t = 0
+    for _ in range(2, 50):
+        now[0] += 0.125  # 8 steps a second: a window needs 8 steps (1 s), not 5
+        steps.step_done()
+    assert lines == [9, 17, 25, 33, 41, 49]
+    for _ in range(50, 60):
+        now[0] += 0.5  # slow steps: every_steps decides again
+        steps.step_done()
+    assert lines[-2:] == [54, 59]
+
+
 def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
-    from stoker.meters import MetersConfig, PeakFlops, StepMeters, live
-    from stoker.runtime.prepared import DataClock
+    from stoker.meters import MetersConfig, PeakFlops, live
 
     probes = []
 
@@ -284,23 +341,15 @@ def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
         return PeakFlops("cpu", dtype, 1e20 if refresh else 1.0, "probe" if refresh else "cache")
 
     monkeypatch.setattr(live, "peak_flops", fake_peak)
-
-    class Steps:
-        last_tokens = None
-        before_optimizer = None
-
+    steps = _training_step()
     lines = []
-    meters = StepMeters(
-        MetersConfig(every_steps=3, flops_per_step=1e6),
-        steps=Steps(),
-        clock=DataClock(),
-        device=torch.device("cpu"),
-        dtype="fp32",
-        count=False,
-        write=lambda compute, step: lines.append(compute()),
+    meters = _meters(
+        steps,
+        MetersConfig(every_steps=3, min_seconds=0, flops_per_step=1e6),
+        lambda compute, step: lines.append(compute()),
     )
-    for step in range(1, 11):
-        meters.on_step_end(step)
+    for _ in range(1, 11):
+        steps.step_done()
     assert probes == [False, True]  # the cached 1 FLOP/s was beaten: probed again, once
     assert all(0 < line["mfu"] <= 1.0 for line in lines)
     assert 0 < meters.summary()["mfu"] <= 1.0
@@ -308,28 +357,16 @@ def test_a_window_faster_than_a_low_cached_peak_probes_again(monkeypatch):
 
 def test_a_failing_window_never_stops_training(caplog):
     from stoker.errors import StokerError
-    from stoker.meters import MetersConfig, StepMeters
-    from stoker.runtime.prepared import DataClock
-
-    class Steps:
-        last_tokens = None
-        before_optimizer = None
+    from stoker.meters import MetersConfig
 
     def broken(line, step):
         raise OSError("disk gone")
 
-    meters = StepMeters(
-        MetersConfig(every_steps=2, flops_per_step=1.0),
-        steps=Steps(),
-        clock=DataClock(),
-        device=torch.device("cpu"),
-        dtype="fp32",
-        count=False,
-        write=broken,
-    )
+    steps = _training_step()
+    meters = _meters(steps, MetersConfig(every_steps=2, min_seconds=0, flops_per_step=1.0), broken)
     with caplog.at_level("WARNING"):
-        for step in range(1, 12):
-            meters.on_step_end(step)
+        for _ in range(1, 12):
+            steps.step_done()
     assert sum("could not be measured: disk gone" in r.message for r in caplog.records) == 1
     with pytest.raises(StokerError, match="one count"):
         meters.count_tokens(torch.ones(3))

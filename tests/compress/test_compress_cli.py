@@ -52,6 +52,7 @@ def test_a_corrupt_checkpoint_is_refused(run_dir, capsys):
     assert "failed verification" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_experiment_writes_report_and_plots(tmp_path):
     out = tmp_path / "report"
     argv = ["experiment", "train-large-then-compress", "--quick", "--sizes", "tiny,mini"]

@@ -26,7 +26,7 @@ def _run(tmp_path, trackers, steps=12):
         precision="fp32",
         config={"lr": 0.05, "model": {"width": 8}},
         record=RecordConfig(directory=tmp_path / "run", save_code=False, flush_seconds=0.01),
-        meters=MetersConfig(every_steps=5),
+        meters=MetersConfig(every_steps=5, min_seconds=0),
         trackers=trackers,
     )
     torch.manual_seed(0)

@@ -93,6 +93,7 @@ def _check(tmp_path: Path, job: str, args: list[str], kills: int, seed: int):
     return check_resume(str(HERE / job), args, config, echo=lambda _: None)
 
 
+@pytest.mark.slow
 def test_word_language_model_lstm_killed_and_resumed_is_bitwise_exact(tmp_path):
     # Hand-sliced [seq, batch] data, a carried hidden state, manual SGD, lr / 4 on a plateau:
     # 20 steps an epoch, so the kills land mid-epoch and a checkpoint may fall on an epoch end.
@@ -104,7 +105,7 @@ def test_word_language_model_lstm_killed_and_resumed_is_bitwise_exact(tmp_path):
     assert result.tensors_compared > 10
 
 
-@pytest.mark.parametrize("seed", [3, 8])
+@pytest.mark.parametrize("seed", [3, pytest.param(8, marks=pytest.mark.slow)])
 def test_nanogpt_style_randint_loop_killed_and_resumed_is_bitwise_exact(tmp_path, seed):
     args = ["--max-iters", "20", "--every", "3", "--eval-interval", "5"]
     result = _check(tmp_path, "randint_job.py", args, 1, seed=seed)

@@ -23,7 +23,12 @@ def _run(tmp_path: Path, nproc: int, batch: int, accumulate: bool, torchrun: boo
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate-tokens"])
+# (plain is slow-marked: accumulate-tokens covers the same path and more, in the default run)
+@pytest.mark.parametrize(
+    "accumulate",
+    [pytest.param(False, marks=pytest.mark.slow), True],
+    ids=["plain", "accumulate-tokens"],
+)
 def test_two_processes_match_one(tmp_path, accumulate):
     two = _run(tmp_path, nproc=2, batch=4, accumulate=accumulate)
     one = _run(tmp_path, nproc=1, batch=8, accumulate=accumulate)
@@ -34,6 +39,7 @@ def test_two_processes_match_one(tmp_path, accumulate):
         torch.testing.assert_close(two["weights"][name], w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_plain_torchrun_runs_a_stoker_script(tmp_path):
     two = _run(tmp_path, nproc=2, batch=4, accumulate=False, torchrun=True)
     one = _run(tmp_path, nproc=1, batch=8, accumulate=False)

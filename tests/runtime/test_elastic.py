@@ -21,6 +21,7 @@ def _run(tmp_path: Path, name: str) -> dict:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("STOKER_RUNS_DIR", str(tmp_path / "runs"))
     killed = _run(tmp_path, "killed.pt")

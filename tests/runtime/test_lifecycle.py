@@ -5,6 +5,7 @@ import json
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -66,6 +67,7 @@ def test_a_dropped_stoker_is_garbage_collected(tmp_path):
     assert stoker_ref() is None and model_ref() is None
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_with_dataloader_workers_is_bitwise_exact(tmp_path):
     # 12 batches per epoch, a checkpoint every 4 steps; killed at step 26, after the third
     # epoch's workers were started at step 24 (they hold a forked copy of the whole run).

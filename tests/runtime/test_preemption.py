@@ -22,6 +22,7 @@ from stoker.report import load_run
 from stoker.runtime.distributed import DistributedContext
 from stoker.runtime.launch import LaunchConfig, grace_seconds, torchrun_argv
 from stoker.runtime.preemption import PreemptionListener
+from stoker.runtime.step import Alarm
 
 JOB = str(Path(__file__).with_name("preempt_job.py"))
 STEPS = 30
@@ -196,7 +197,7 @@ def test_the_ranks_exchange_adds_no_host_sync(tmp_path, monkeypatch):
     try:
         ctx = DistributedContext(rank=0, world_size=2)
         config = PreemptionConfig(agree_every_s=0)  # an exchange at every step
-        listener = PreemptionListener(config, _NoServices(), ctx)
+        listener = PreemptionListener(config, _NoServices(), ctx, Alarm())
         try:
             with profile(activities=[ProfilerActivity.CPU]) as trace:
                 for step in range(1, 6):
@@ -226,7 +227,7 @@ def test_fast_steps_exchange_rarely(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: started.append(1) or real(*a, **k))
     try:
         ctx = DistributedContext(rank=0, world_size=2)
-        listener = PreemptionListener(PreemptionConfig(), _NoServices(), ctx)
+        listener = PreemptionListener(PreemptionConfig(), _NoServices(), ctx, Alarm())
         try:
             for step in range(1, 250):
                 listener.on_step_end(step)

@@ -117,3 +117,28 @@ def test_without_ddp_keeps_the_autocast_and_drops_the_collectives(tmp_path):
         assert local(torch.randn(2, 4)).dtype == torch.float32
     finally:
         dist.destroy_process_group()
+
+
+def test_hooks_fire_on_the_users_module_and_on_the_wrapper():
+    """The wrapper skips nn.Module's hook dispatch for itself when it has no hooks (a cost per
+    step); hooks on the user's module, global ones and hooks put on the wrapper still fire."""
+    stoker = Stoker(device="cpu", precision="bf16", record=False, doctor=False)
+    user = nn.Linear(4, 2)
+    model = stoker.prepare(user)
+    seen: list[str] = []
+    user.register_forward_hook(lambda m, i, o: seen.append(f"user {o.dtype}"))
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(f"global {type(m).__name__}")
+    )
+    try:
+        out = model(torch.randn(3, 4))
+    finally:
+        handle.remove()
+    assert out.dtype == torch.float32  # the wrapper's forward ran: fp32 out of bf16 autocast
+    assert seen == ["global Linear", "user torch.bfloat16"]
+    seen.clear()
+    model.register_forward_pre_hook(lambda m, args: seen.append(f"pre {type(m).__name__}"))
+    model.register_forward_hook(lambda m, i, o: seen.append(f"wrapper {o.dtype}"))
+    model(torch.randn(3, 4))
+    assert seen == ["pre PreparedModel", "user torch.bfloat16", "wrapper torch.float32"]
+    stoker.close()

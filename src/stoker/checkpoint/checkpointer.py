@@ -284,6 +284,29 @@ class Checkpointer:
         # Rank 0's clock decides, so every rank saves at the same step.
         return self._vote.broadcast_int(int(elapsed)) == 1 if self._vote.enabled else elapsed
 
+    def next_check(self, step: int) -> int:
+        """The first step after ``step`` at which :meth:`maybe_save` may have something to do
+        (a save due, a fault to inject, a background write's failure to report). A loop may
+        skip asking before it: that keeps a checkpoint's per-step cost one integer comparison.
+        Valid until the next call of :meth:`maybe_save` or :meth:`save`."""
+        if self._pending_error is not None or (
+            self._thread is not None and self._thread.is_alive()
+        ):
+            return step + 1  # report a background failure at the step after it happened
+        cfg = self.config
+        upcoming = sys.maxsize
+        if cfg.every_minutes is not None:
+            if not self._vote.enabled:
+                return step + 1  # the clock decides: ask every step
+            upcoming = (step // _TIME_AGREE_EVERY + 1) * _TIME_AGREE_EVERY
+        if cfg.every_steps is not None:
+            upcoming = min(upcoming, (step // cfg.every_steps + 1) * cfg.every_steps)
+        if self.auto is not None:
+            upcoming = min(upcoming, max(self.auto.next_step, step + 1))
+        if self._kill_at is not None and self._kill_at > step:
+            upcoming = min(upcoming, self._kill_at)
+        return upcoming
+
     def maybe_save(
         self, step: int, state: Mapping[str, Any], *, rank_state: Mapping[str, Any] | None = None
     ) -> bool:

@@ -2,12 +2,12 @@
 
 :class:`StepMeters` is a :class:`~stoker.runtime.step.StepListener` that a
 :class:`~stoker.Stoker` attaches on the main rank (``Stoker(meters=False)`` for none). What it
-does at each step end is a clock read, three stores into preallocated lists and an integer
-comparison; every ``every_steps`` steps it hands the window's raw numbers (a list copy) to the
-metrics writer's thread, which computes the window's line for ``metrics.jsonl`` there
-(quantiles, rates, the token count read from the device), and at the end of the run it writes
-a summary into ``record.json`` (``summary.meters``). A wrapper timing ``on_step_end`` inside
-a tiny-MLP loop on a shared 2-core VM read 1.5-2.5 µs per step; ``benchmarks/report.py``
+needs per step, each step's end time and token count, the training step appends to a
+:class:`~stoker.runtime.step.StepLog` (a clock read and a list append; no call into the meters).
+The meters are called every ``every_steps`` steps (and at least ``min_seconds``), and then hand
+the window's raw numbers to the metrics writer's thread, which computes the window's line for
+``metrics.jsonl`` there (quantiles, rates, the token count read from the device); at the end of
+the run they write a summary into ``record.json`` (``summary.meters``). ``benchmarks/report.py``
 times whole steps with the meters on against off.
 
 What each number is:
@@ -33,8 +33,8 @@ What each number is:
   cached peak (a probe taken while other work shared the cores reads low) probes again, once.
 - ``peak_memory_mb``: the CUDA allocator's peak on a GPU, the process's peak RSS on a CPU.
 
-The first window line comes ``every_steps`` steps after timing starts; a run shorter than that
-writes no line, only the summary.
+The first window line comes ``every_steps`` steps (and ``min_seconds``) after timing starts; a
+run shorter than that writes no line, only the summary.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from stoker.errors import StokerError
 from stoker.meters import flops as _flops  # noqa: F401 (registers the CPU attention formulas)
 from stoker.meters.peak import PeakFlops, peak_flops
 from stoker.runtime.prepared import DataClock
-from stoker.runtime.step import StepListener, TrainingStep
+from stoker.runtime.step import StepListener, StepLog, TrainingStep
 
 __all__ = ["MetersConfig", "StepMeters", "peak_memory"]
 
@@ -70,13 +70,19 @@ class MetersConfig:
     """How often the meters write a line, and what a step's FLOPs are."""
 
     every_steps: int = 25
-    """Steps per ``metrics.jsonl`` line (each line covers that window)."""
+    """Steps per ``metrics.jsonl`` line at least (each line covers its window)."""
+    min_seconds: float = 0.5
+    """Seconds per line at least: with steps of a few hundred µs, 25-step windows would write
+    hundreds of lines a second, and their statistics would cost the training thread's GIL a
+    visible share of each step."""
     flops_per_step: float | None = None
     """FLOPs of one optimizer step of this rank; None: counted on the second step."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.every_steps, int) or self.every_steps < 1:
             raise StokerError(f"MetersConfig.every_steps={self.every_steps!r}: use an integer >= 1")
+        if not self.min_seconds >= 0:
+            raise StokerError(f"MetersConfig.min_seconds={self.min_seconds!r}: use seconds >= 0")
         if self.flops_per_step is not None and not self.flops_per_step > 0:
             raise StokerError(
                 f"MetersConfig.flops_per_step={self.flops_per_step!r}: give a positive number "
@@ -172,13 +178,12 @@ class StepMeters(StepListener):
         self._counting = False  # the FLOPs of the current step are being counted
         self._started = False  # timing started (after the first step, or the counted one)
         self._user_tokens = False
-        # The window: step-end times, cumulative data wait and samples, token tensors.
-        n = self._every = config.every_steps
-        self._ends = [0.0] * n
-        self._waits = [0.0] * n
-        self._samples = [0] * n
+        # The window: step ends and token counts, logged by the step from the start of timing
+        # (the data clock's totals are read when the window is taken); count_tokens()' own.
+        self._every = config.every_steps
+        self._log = StepLog()
+        self._window_due = 0.0  # the window may close from this time on (min_seconds)
         self._tokens: list[torch.Tensor] = []
-        self._i = 0
         self._origin = (0.0, 0.0, 0)  # time, wait, samples at the start of the window
         # Windows handed over, computed in order by whichever thread comes first: the metrics
         # writer (its line), read(), summary(); the run's totals, for the summary.
@@ -193,31 +198,27 @@ class StepMeters(StepListener):
         self._failed = False  # a window failed to be measured (warned once)
 
     # -- the hot path ---------------------------------------------------------------------
-    def on_step_end(self, step: int) -> None:
-        now = time.perf_counter()
+    def on_step_end(self, step: int) -> int | None:
         if not self._started:
-            self._start(now)
-            return
-        i = self._i
-        clock = self._clock
-        self._ends[i] = now
-        self._waits[i] = clock.wait
-        self._samples[i] = clock.samples
-        if not self._user_tokens:
-            tokens = self._steps.last_tokens
-            if tokens is not None:
-                self._tokens.append(tokens)
-        i += 1
-        self._i = i
-        if i == self._every:
-            try:
-                self._emit(step)
-            except Exception as exc:  # a meter must never stop the training it measures
-                self._i = 0
-                self._tokens.clear()
-                if not self._failed:
-                    self._failed = True
-                    log.warning("meters: a window could not be measured: %s", exc)
+            self._start(time.perf_counter())
+            return None
+        ends = self._log.ends
+        n = len(ends)
+        if n < self._every:
+            return step + self._every - n
+        now = ends[-1]  # this step's end, as the step logged it
+        if now < self._window_due:  # fast steps: the ones the rest of min_seconds should take
+            pace = n / max(now - self._origin[0], 1e-9)
+            return step + max(1, int((self._window_due - now) * pace))
+        try:
+            self._emit(step)
+        except Exception as exc:  # a meter must never stop the training it measures
+            self._log.take()
+            self._tokens.clear()
+            if not self._failed:
+                self._failed = True
+                log.warning("meters: a window could not be measured: %s", exc)
+        return step + self._every
 
     def count_tokens(self, tokens: torch.Tensor | int) -> None:
         """Count ``tokens`` (a device tensor or an int) for this micro-batch's throughput,
@@ -256,8 +257,11 @@ class StepMeters(StepListener):
                 return
         self._started = True
         self._tokens.clear()
+        self._log.take()
+        self._steps.step_log = self._log
         clock = self._clock
         self._origin = (now, clock.wait, clock.samples)
+        self._window_due = now + self.config.min_seconds
 
     def _stop_counting(self) -> None:
         """The counted step's gradients are complete: its FLOPs are the forward's and the
@@ -278,26 +282,27 @@ class StepMeters(StepListener):
     def _emit(self, step: int) -> None:
         """Hand the window's raw numbers over: a list copy and a queued closure here; its
         statistics are computed on the metrics writer's thread (:meth:`_process`)."""
-        window = self._take(self._i)
+        window = self._take()
         self._pending.append(window)
         if self._write is not None:
             self._write(lambda: self._line_of(window), step)
         if len(self._pending) >= _MAX_PENDING:  # no writer (record=False) and nobody reading
             self._drain()
 
-    def _take(self, n: int) -> _Window:
-        """The last ``n`` steps as a window; the next one starts at their end."""
+    def _take(self) -> _Window:
+        """The steps since the last window as a window; the next one starts at their end."""
         t0, w0, s0 = self._origin
-        ends = self._ends[:n]
-        wait, samples = self._waits[n - 1], self._samples[n - 1]
-        tokens, self._tokens = self._tokens, []
+        ends, tokens = self._log.take()
+        wait, samples = self._clock.wait, self._clock.samples
+        if self._user_tokens:
+            tokens, self._tokens = self._tokens, []
         window = _Window(t0, ends, wait - w0, samples - s0, tokens)
         self._origin = (ends[-1], wait, samples)
-        self._i = 0
         elapsed = ends[-1] - t0
-        if elapsed > 0 and self._beats_peak(n / elapsed):
+        if elapsed > 0 and self._beats_peak(len(ends) / elapsed):
             clock = self._clock  # the probe's seconds are not the next window's
             self._origin = (time.perf_counter(), clock.wait, clock.samples)
+        self._window_due = self._origin[0] + self.config.min_seconds
         return window
 
     def _beats_peak(self, steps_per_s: float) -> bool:
@@ -369,8 +374,8 @@ class StepMeters(StepListener):
 
     def summary(self) -> dict[str, Any]:
         """The whole run's numbers (reads the token count from the device: at the end)."""
-        if self._i:  # the steps since the last line count in the summary too
-            self._pending.append(self._take(self._i))
+        if self._log.ends:  # the steps since the last line count in the summary too
+            self._pending.append(self._take())
         self._drain()
         durations = np.frombuffer(self._durations, dtype=np.float64)
         out: dict[str, Any] = {"timed_steps": len(durations)}
@@ -406,6 +411,8 @@ class StepMeters(StepListener):
         if self._closed:
             return
         self._closed = True
+        if self._steps.step_log is self._log:
+            self._steps.step_log = None
         self._stop_counting()
         if self._record is None:
             return

@@ -46,14 +46,16 @@ class DoctorListener(StepListener):
         self.run_dir = run_dir
         self.active = True
 
-    def on_step_end(self, step: int) -> None:
+    def on_step_end(self, step: int) -> int | None:
         if not self.active:
-            return
+            return sys.maxsize
         doctor = self.doctor
         doctor.step()
         if doctor.done or doctor.failed is not None:
             doctor.detach()
             self.active = False
+            return sys.maxsize  # nothing to count any more
+        return None
 
     def close(self, failed: BaseException | None) -> None:
         doctor = self.doctor

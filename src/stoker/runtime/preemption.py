@@ -45,14 +45,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from stoker.errors import PREEMPTED_EXIT_CODE, Preempted, StokerError
 from stoker.runtime.distributed import DistributedContext, control_group
-from stoker.runtime.step import StepListener
+from stoker.runtime.step import Alarm, StepListener
 
 if TYPE_CHECKING:
     from stoker.runtime.services import RunServices
@@ -108,7 +108,8 @@ class _Flag:
     nothing else, so a Stoker nobody references any more is still collected (its finalizer
     then puts the previous handlers back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, alarm: Alarm) -> None:
+        self.alarm = alarm
         self.received = 0
         """The first signal this process received (its number), 0 for none."""
         self.first_at = 0.0
@@ -119,6 +120,7 @@ class _Flag:
         if not self.received:
             self.received = signum
             self.first_at = time.monotonic()
+            self.alarm.rung = True  # the step calls its listeners at its next boundary
         elif (
             signum == signal.SIGINT
             and not self.agreed
@@ -149,12 +151,16 @@ class PreemptionListener(StepListener):
     """
 
     def __init__(
-        self, config: PreemptionConfig, services: RunServices, ctx: DistributedContext
+        self,
+        config: PreemptionConfig,
+        services: RunServices,
+        ctx: DistributedContext,
+        alarm: Alarm,
     ) -> None:
         self.config = config
         self.services = services
         self.is_main = ctx.rank == 0
-        self.flag = _Flag()
+        self.flag = _Flag(alarm)
         """What the signal handler set (``flag.received``: the signal's number, 0 for none)."""
         self.agreed = 0
         """The signal the ranks agreed to stop on, 0 until they do."""
@@ -177,23 +183,33 @@ class PreemptionListener(StepListener):
             log.info("stoker: Stoker created outside the main thread: no preemption handlers")
 
     # -- at the step's boundaries ------------------------------------------------------------
-    def on_step_end(self, step: int) -> None:
+    def _next_call(self, step: int) -> int:
+        """The step from which this listener next needs a call (see StepListener)."""
         if self.agreed:
-            return
+            return step  # this step's on_micro_batch saves
+        if self._group is not None:
+            return self._next_exchange
+        # One process: none until a signal comes (its handler rings the step's alarm).
+        return step + 1 if self.flag.received else sys.maxsize
+
+    def on_step_end(self, step: int) -> int | None:
+        if self.agreed:
+            return step
         if self._group is None:
             signum = self.flag.received
         elif step < self._next_exchange:
-            return
+            return self._next_exchange
         else:
             signum = self._exchange(step)
         if not signum:
-            return
+            return self._next_call(step)
         self.agreed = signum
         self.flag.agreed = True
         services = self.services
         if services.checkpointer is None or services.state is None:
             self._stop(step, None, 0.0)  # nothing to save: no need to wait for the next batch
         services.hold(step)
+        return step
 
     def _exchange(self, step: int) -> int:
         """The ranks' largest signal number as of the previous exchange (0 for none); unless
@@ -222,14 +238,14 @@ class PreemptionListener(StepListener):
         self._next_exchange = step + every
         return 0
 
-    def on_micro_batch(self, step: int, live: bool) -> None:
+    def on_micro_batch(self, step: int, live: bool) -> int | None:
         if not self.agreed:
-            return
+            return self._next_call(step)
         started = time.monotonic()
         path = self.services.save_now(step, live)
         self._stop(step, path, time.monotonic() - started)
 
-    def _stop(self, step: int, path: Any, seconds: float) -> None:
+    def _stop(self, step: int, path: Any, seconds: float) -> NoReturn:
         name = signal.Signals(self.agreed).name
         if self.is_main:
             if self.services.checkpointer is None or self.services.state is None:

@@ -17,6 +17,7 @@ through the data pipeline before the random generators are put back to their sav
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from stoker.errors import StokerError
 from stoker.runtime.boundary import StepBoundary, capture_boundary, written_as_of
 from stoker.runtime.setup import RunSetup
-from stoker.runtime.step import StepListener
+from stoker.runtime.step import StepListener, TrainingStep
 
 if TYPE_CHECKING:
     from stoker.checkpoint import CheckpointConfig, Checkpointer
@@ -60,6 +61,7 @@ class RunServices(StepListener):
         settings: dict[str, Any],
         rank: int,
         world_size: int,
+        steps: TrainingStep,
         sharded: bool = False,
         trackers: Sequence[str | Tracker] = (),
     ) -> None:
@@ -102,15 +104,20 @@ class RunServices(StepListener):
         self.checkpointer: Checkpointer | None = None
         self.state: dict[str, Any] | None = None
         self.pending: _Pending | None = None
-        self.step = 0
-        """The last step seen (at attach or a step's end): the final checkpoint's."""
+        self._steps = steps
         self.preempted: Preempted | None = None
         """Set when a signal preempted the run (see :mod:`stoker.runtime.preemption`): its
         checkpoint is written, the run ends ``preempted``."""
         self._boundary_keys: tuple[str, ...] = ()
         self._boundary: StepBoundary | None = None
         self._checked_step = -1
+        self._quiet_until = 0  # no checkpoint business before this step (Checkpointer.next_check)
         self._closed = False
+
+    @property
+    def step(self) -> int:
+        """The optimizer steps taken: the final checkpoint's step."""
+        return self._steps.step
 
     @property
     def run_dir(self) -> Path | None:
@@ -153,6 +160,7 @@ class RunServices(StepListener):
         self.state = state
         self._boundary_keys = boundary_keys
         if self.run is None:
+            self._quiet_until = sys.maxsize  # no checkpointer: nothing to do at any step
             return None
         self.checkpointer = Checkpointer(
             self._checkpoint_dir(), self.checkpoint_config or CheckpointConfig()
@@ -214,37 +222,43 @@ class RunServices(StepListener):
         return self.checkpointer.due(step)
 
     # -- as a step listener ------------------------------------------------------------------
-    def on_step_end(self, step: int) -> None:
+    def on_step_end(self, step: int) -> int | None:
         """At the step (and at attach): when a save of ``step`` is due, copy what it must
-        hold as of now (an integer comparison or two otherwise)."""
-        self.step = step
+        hold as of now. Asks to be called again at the next step a save may be due."""
+        if step < self._quiet_until:
+            return self._quiet_until
         state = self.state
         if state is not None and self.due(step):
             self._boundary = capture_boundary(step, state, self._boundary_keys)
+        return step  # this step's on_micro_batch: maybe_save
 
-    def on_micro_batch(self, step: int, live: bool) -> None:
+    def on_micro_batch(self, step: int, live: bool) -> int | None:
         """The start of the next micro-batch: saves when a checkpoint of ``step`` is due, with
         the copies taken at the step (see :mod:`stoker.runtime.boundary`) when there are some,
         else with the live state — unless the state moved since the step (``live`` False: a
         ``backward()`` or ``accumulate()``; ``live``: a prepared loader about to fetch): a save
         that became due only since the step (``every_minutes`` elapsed in between) then waits
         for the next step."""
-        if step == self._checked_step or self.checkpointer is None or self.state is None:
-            return
+        checkpointer = self.checkpointer
+        if step < self._quiet_until:
+            return self._quiet_until
+        if step == self._checked_step or checkpointer is None or self.state is None:
+            return None
         self._checked_step = step
         boundary, self._boundary = self._boundary, None
         if live or boundary is None or boundary.step != step:
-            if not live and self.checkpointer.due(step):
-                return
-            self.checkpointer.maybe_save(step, self.state)
-            return
-        with written_as_of(self.state, boundary) as state:
-            self.checkpointer.maybe_save(step, state)
+            if not live and checkpointer.due(step):
+                return None
+            checkpointer.maybe_save(step, self.state)
+        else:
+            with written_as_of(self.state, boundary) as state:
+                checkpointer.maybe_save(step, state)
+        self._quiet_until = checkpointer.next_check(step)
+        return self._quiet_until
 
     def hold(self, step: int) -> None:
         """At the step: copy what a checkpoint of ``step`` must hold as of now, whether or not
         one is due (a preemption's save comes next, see :meth:`save_now`)."""
-        self.step = step
         if self.state is not None and self.checkpointer is not None:
             self._boundary = capture_boundary(step, self.state, self._boundary_keys)
 
@@ -307,7 +321,9 @@ class RunServices(StepListener):
             self._checkpoint_dir()  # raises the record=False explanation
             return None
         self._checked_step = step
-        return self.checkpointer.save(step, self.state)
+        path = self.checkpointer.save(step, self.state)
+        self._quiet_until = self.checkpointer.next_check(step)  # the save may move the plan
+        return path
 
     # -- the end ----------------------------------------------------------------------------
     def finish(self, error: BaseException | None) -> None:

@@ -226,6 +226,7 @@ class Stoker:
             settings=self.settings,
             rank=self.rank,
             world_size=self.world_size,
+            steps=self._steps,
             sharded=self._fsdp is not None,
             trackers=trackers,
         )
@@ -251,7 +252,9 @@ class Stoker:
         if preemption is not False:
             # Before the checkpoints' listener (attached at prepare): its save comes first.
             config = preemption if isinstance(preemption, PreemptionConfig) else PreemptionConfig()
-            self._steps.add_listener(PreemptionListener(config, self.services, self.dist))
+            self._steps.add_listener(
+                PreemptionListener(config, self.services, self.dist, self._steps.alarm)
+            )
         self._lifecycle = Lifecycle(self.close)
 
     # -- the step's counters (owned by self._steps) ------------------------------------------
