@@ -153,6 +153,16 @@ def test_report_cli_and_index(real_runs, capsys):
     assert 'href="a/report.html"' in index and 'href="b/report.html"' in index
     assert (b / "report.html").is_file()  # the missing report was written
     assert write_index(a.parent, a.parent / "elsewhere.html").is_file()
+    assert main(["runs", "--root", str(a.parent), "--html", "-o", str(a.parent / "i.html")]) == 0
+    assert (a.parent / "i.html").is_file()
+    capsys.readouterr()
+
+
+def test_runs_html_before_a_subcommand_is_one_clear_line(real_runs, capsys):
+    a, _ = real_runs
+    # `--html show ID` once read "show" as the index's file name.
+    _one_line(capsys, ["runs", "--root", str(a.parent), "--html", "show", "a"], "--html writes")
+    _one_line(capsys, ["runs", "--root", str(a.parent), "-o", "x.html"], "add --html")
 
 
 def test_the_index_escapes_a_hostile_run(hostile_run, hostile_text):

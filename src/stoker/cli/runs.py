@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from stoker.errors import StokerError
 from stoker.records.diff import diff_runs, flatten
 from stoker.records.listing import RunInfo, find_run, list_runs, run_info, tail_metrics
 from stoker.records.record import read_record
@@ -35,14 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory of run directories (default $STOKER_RUNS_DIR or ./runs)",
     )
+    # A flag, not an optional value: `--html show ID` must not read "show" as a file name.
     parser.add_argument(
         "--html",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="FILE",
+        action="store_true",
         help="write an HTML index of the runs linking each run's report (writing the reports "
-        "that are missing or stale) to FILE (default ROOT/index.html)",
+        "that are missing or stale)",
+    )
+    parser.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="--html: where (ROOT/index.html)"
     )
     sub = parser.add_subparsers(dest="runs_command", metavar="{show,diff}")
     show = sub.add_parser("show", help="everything recorded about one run")
@@ -186,12 +188,19 @@ def _diff(console: Console, a: str, b: str, root: str | None) -> int:
 def main(args: argparse.Namespace) -> int:
     console = Console()
     command = getattr(args, "runs_command", None)
+    if args.html and command is not None:
+        raise StokerError(
+            f"--html writes the index of all runs; drop it for `stoker runs {command}`, or use "
+            "`stoker report RUN` for one run's report"
+        )
+    if args.output is not None and not args.html:
+        raise StokerError("-o/--output names the --html index; add --html")
     if command == "show":
         return _show(console, args.id, args.root, args.json)
     if command == "diff":
         return _diff(console, args.a, args.b, args.root)
-    if args.html is not None:
-        path = write_index(args.root, args.html or None)
+    if args.html:
+        path = write_index(args.root, args.output)
         console.print(f"wrote {path}", highlight=False)
         return 0
     return _list(console, args.root)
