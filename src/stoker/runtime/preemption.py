@@ -8,16 +8,17 @@ default, turns the signal into a checkpoint:
 
 1. The signal handler only records which signal came (a flag: nothing else is safe in a
    handler, which runs between two bytecodes of whatever the loop was doing).
-2. At a step's end the ranks agree. One process reads its flag (an integer comparison per
-   step). Under ``torch.distributed`` the ranks exchange about once a second of training
-   (``agree_every_s``): an exchange *starts* an all-reduce (MAX of the signal number, two
-   int64 on a small gloo group, asynchronously) and *reads* the one the previous exchange
-   started, long finished: a CPU tensor on gloo, so no host-device sync and no wait in the
-   loop. Starting one costs ~0.1-1 ms of the loop's thread on a busy 2-core machine, hence not
-   every step; steps in between cost an integer comparison. The same all-reduce carries each
-   rank's proposal for the steps until the next exchange (from its measured step time; the
-   smallest wins), so every rank reads the same result at the same step and all agree on the
-   step to stop at: one to two exchanges after the signal came.
+2. At a step's end the ranks agree. One process needs no call per step: the handler also rings
+   the training step's :class:`~stoker.runtime.step.Alarm`, which has the listener called at the
+   next boundary, where it reads the flag. Under ``torch.distributed`` the ranks exchange about
+   once a second of training (``agree_every_s``): an exchange *starts* an all-reduce (MAX of the
+   signal number, two int64 on a small gloo group, asynchronously) and *reads* the one the
+   previous exchange started, long finished: a CPU tensor on gloo, so no host-device sync and no
+   wait in the loop. Starting one costs ~0.1-1 ms of the loop's thread on a busy 2-core machine,
+   hence not every step; steps in between make no call. The same all-reduce carries each rank's
+   proposal for the steps until the next exchange (from its measured step time; the smallest
+   wins), so every rank reads the same result at the same step and all agree on the step to stop
+   at: one to two exchanges after the signal came.
 3. The checkpoint of that step is written at the start of the next micro-batch, as a periodic
    one is (after the user's ``scheduler.step()``, with the copies taken at the step, see
    :mod:`stoker.runtime.boundary`), so resuming from it is bitwise exact; it is complete on

@@ -1,13 +1,15 @@
 """What every stoker run gets without asking: a run record, checkpoints and exact resume.
 
 :class:`RunServices` is the runtime's bridge to :mod:`stoker.records` and
-:mod:`stoker.checkpoint`. It keeps the per-step cost to an integer comparison: checkpoints are
-considered once per optimizer step and written at the start of the next micro-batch (after the
-user's ``optimizer.step()`` and ``scheduler.step()``): a prepared loader's fetch, ``accumulate()``
-or ``backward()``, whichever comes first. What must be exact as of the step itself is copied at
-the step when a save is due (see :mod:`stoker.runtime.boundary`). It does so as a
-:class:`~stoker.runtime.step.StepListener` of the runtime's training step: ``on_step_end``
-copies, ``on_micro_batch`` writes, ``close`` writes the final checkpoint.
+:mod:`stoker.checkpoint`. Between the steps a save can be due at
+(:meth:`~stoker.checkpoint.Checkpointer.next_check`) it costs nothing: the training step does
+not call it. Checkpoints are considered at those steps and written at the start of the next
+micro-batch (after the user's ``optimizer.step()`` and ``scheduler.step()``): a prepared
+loader's fetch, ``accumulate()`` or ``backward()``, whichever comes first. What must be exact as
+of the step itself is copied at the step when a save is due (see
+:mod:`stoker.runtime.boundary`). It does so as a :class:`~stoker.runtime.step.StepListener` of
+the runtime's training step: ``on_step_end`` copies, ``on_micro_batch`` writes, ``close`` writes
+the final checkpoint.
 
 Resume is exact because the data order depends only on (seed, epoch) — see
 :class:`~stoker.runtime.prepared.PreparedLoader` — and the position within the epoch is replayed
