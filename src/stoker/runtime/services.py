@@ -218,7 +218,8 @@ class RunServices(StepListener):
             self.pending = None
 
     def due(self, step: int) -> bool:
-        """Whether a checkpoint of ``step`` is due (asked once per step, at the step)."""
+        """Whether a checkpoint of ``step`` is due (asked at the step, from the first step a save
+        can be due at: see :meth:`~stoker.checkpoint.Checkpointer.next_check`)."""
         if step == self._checked_step or self.checkpointer is None or self.state is None:
             return False
         return self.checkpointer.due(step)
