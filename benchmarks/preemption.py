@@ -12,7 +12,10 @@ handling preemption costs per step.
 2. ``per-step overhead``: the same MLM training step through a ``Stoker`` with
    ``preemption=False`` and with the default, interleaved in one process; then the same in a
    2-process gloo DDP job (``--nproc 2``; the ranks exchange through an async all-reduce about
-   once a second of training).
+   once a second of training). Two ranks on two cores make the ratio noisy, so the DDP part
+   also gives a direct bound: the exchanges' own time in the loop (timed inside the listener)
+   plus a whole synchronous round trip of the same all-reduce per exchange, as a share of the
+   time in steps.
    Target: ratio <= 1.01.
 
     python benchmarks/preemption.py              # ~5-10 min on 2 cores
@@ -109,8 +112,9 @@ def signal_to_exit(preset: str, vocab: int, batch: int, warm_steps: int) -> dict
 
 
 # -- per-step overhead ---------------------------------------------------------------------------
-def overhead(bench: Bench, quick: bool, label: str) -> None:
-    """Interleaved: the MLM step through a Stoker without and with preemption handling."""
+def overhead(bench: Bench, quick: bool, label: str) -> tuple[Stoker, float]:
+    """Interleaved: the MLM step through a Stoker without and with preemption handling.
+    Returns the "on" Stoker and the seconds its steps took (warm-up rounds included)."""
     preset, vocab, batch = MODELS["default MLM (tiny)"]
     batch = 8 if quick else batch
     config = EncoderConfig.preset(preset, vocab_size=vocab, max_len=SEQ)
@@ -138,14 +142,23 @@ def overhead(bench: Bench, quick: bool, label: str) -> None:
 
     off, off_step = make(False)
     on, on_step = make(True)
+    in_steps = 0.0  # the "on" candidate's time in its steps, warm-up rounds included
+
+    def on_step_timed() -> None:
+        nonlocal in_steps
+        started = time.perf_counter()
+        on_step()
+        in_steps += time.perf_counter() - started
+
     bench.compare(
         f"per-step overhead, {label}",
-        [Candidate("preemption off", off_step), Candidate("preemption on", on_step)],
+        [Candidate("preemption off", off_step), Candidate("preemption on", on_step_timed)],
         baseline="preemption off",
         number=2 if quick else 5,  # explicit: every rank must run the same number of steps
     )
     on.close()
     off.close()
+    return on, in_steps
 
 
 def ddp_overhead(rank: int, world: int, port: int, args_json: str, out: str) -> None:
@@ -162,7 +175,28 @@ def ddp_overhead(rank: int, world: int, port: int, args_json: str, out: str) -> 
         warmup=args["warmup"], repeats=args["repeats"], quick=args["quick"], out_dir=None
     )
     bench = Bench("preemption-ddp", config, quiet=rank != 0)
-    overhead(bench, args["quick"], f"{world}-process DDP (gloo, 1 thread each)")
+    on, in_steps = overhead(bench, args["quick"], f"{world}-process DDP (gloo, 1 thread each)")
+    # The direct bound: what the exchanges cost the loop's thread (timed inside the listener),
+    # plus, for the gloo thread's share, a whole synchronous round trip of the same all-reduce
+    # per exchange (more than its asynchronous work: it includes waiting for the other rank).
+    assert on.preemption is not None
+    group = dist.new_group(backend="gloo")
+    buffer = torch.zeros(2, dtype=torch.int64)
+    trips = []
+    for _ in range(200):
+        started = time.perf_counter()
+        dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=group)
+        trips.append(time.perf_counter() - started)
+    trip = sorted(trips)[len(trips) // 2]
+    exchanges, loop_s = on.preemption.exchanges, on.preemption.exchange_seconds
+    bench.meta["ddp_exchanges"] = {
+        "exchanges": exchanges,
+        "loop_seconds": loop_s,
+        "round_trip_s": trip,
+        "seconds_in_steps": in_steps,
+        "loop_share": loop_s / in_steps,
+        "bound_share": (loop_s + exchanges * trip) / in_steps,
+    }
     if rank == 0:
         bench.save(out)
     dist.destroy_process_group()
@@ -238,6 +272,20 @@ def main() -> None:
             ddp_overhead, args=(args.nproc, port, json.dumps(rounds), str(out)), nprocs=args.nproc
         )
         bench.include(out)
+        bench.meta["ddp_exchanges"] = exchanges = json.loads(out.read_text())["meta"][
+            "ddp_exchanges"
+        ]
+        if bench.console is not None:
+            n = max(1, exchanges["exchanges"])
+            bench.console.print(
+                f"{args.nproc}-process DDP, rank 0: {exchanges['exchanges']} exchanges in "
+                f"{exchanges['seconds_in_steps']:.0f} s of steps, "
+                f"{1e6 * exchanges['loop_seconds'] / n:.0f} us each in the loop "
+                f"({100 * exchanges['loop_share']:.3f}% of the step time); with a whole "
+                f"synchronous round trip ({1e6 * exchanges['round_trip_s']:.0f} us) added per "
+                f"exchange for the gloo thread's share: {100 * exchanges['bound_share']:.3f}% "
+                f"(target <= {100 * (TARGET_OVERHEAD - 1):.0f}%)"
+            )
     if bench.console is not None:
         for comparison in bench.comparisons:
             ratio = comparison["preemption on"].ratio

@@ -51,6 +51,31 @@ def test_lr_suggestion_inside_the_scan_and_model_and_optimizer_restored():
     assert optimizer.param_groups[0]["lr"] == 3e-3
 
 
+def test_lr_rules_read_the_same_curve():
+    def scan(rule):
+        model, batches = _regression()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+        def loss_fn(batch):
+            return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+        return find_lr(
+            model, optimizer, loss_fn, batches, min_lr=1e-5, max_lr=10.0, steps=60,
+            rule=rule, progress=False,
+        )  # fmt: skip
+
+    tenth, lowest, steepest = scan("min/10"), scan("min"), scan("steepest")
+    assert tenth.losses == lowest.losses == steepest.losses  # same seed: the same curve
+    minimum = tenth.lrs[tenth.losses.index(min(tenth.losses))]
+    assert tenth.minimum == lowest.minimum == minimum
+    assert minimum / 10 > tenth.lrs[0]  # (so no clamp applies below)
+    assert tenth.suggestion == pytest.approx(minimum / 10) and tenth.rule == "min/10"
+    assert lowest.suggestion == minimum and lowest.rule == "min"
+    assert steepest.suggestion == steepest.steepest <= minimum
+    with pytest.raises(StokerError, match="rule='max'"):
+        scan("max")
+
+
 def test_lr_plot_writes_a_png(tmp_path):
     # matplotlib is in the test extra: without it this fails (the one-line error says so).
     model, batches = _regression()

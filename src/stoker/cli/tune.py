@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-lr", type=float, default=1e-6, help="lr: scan start")
     parser.add_argument("--max-lr", type=float, default=1.0, help="lr: scan end")
+    parser.add_argument(
+        "--rule",
+        default="min/10",
+        choices=("min/10", "min", "steepest"),
+        help="lr: how the suggestion is read off the curve (default %(default)s)",
+    )
     parser.add_argument("--plot", default=None, metavar="PATH", help="lr: PNG path")
     parser.add_argument("--no-record", action="store_true", help="don't write a run record")
 
@@ -93,16 +99,16 @@ def main(args: argparse.Namespace) -> int:
     found: dict[str, Any]
     plot_path = None
     if args.what == "lr":
-        kwargs: dict[str, Any] = {"min_lr": args.min_lr, "max_lr": args.max_lr}
+        kwargs: dict[str, Any] = {"min_lr": args.min_lr, "max_lr": args.max_lr, "rule": args.rule}
         if args.steps:
             kwargs["steps"] = args.steps
         lr = tune.tune_lr(job, max_seconds=args.max_seconds, **kwargs)
         print(
             f"LR range test: {len(lr.lrs)} steps from {lr.lrs[0]:.2e} to {lr.lrs[-1]:.2e} "
-            f"(stopped: {lr.stopped}); lowest smoothed loss {min(lr.losses):.3f}; steepest "
-            f"descent at {lr.steepest:.2e}"
+            f"(stopped: {lr.stopped}); lowest smoothed loss {min(lr.losses):.3f} at "
+            f"{lr.minimum:.2e}; steepest descent at {lr.steepest:.2e}"
         )
-        print(f"suggested one-cycle peak LR: {lr.suggestion:.3g}")
+        print(f"suggested one-cycle peak LR ({lr.rule}): {lr.suggestion:.3g}")
         if lr.stopped == "time":
             print(
                 f"stoker tune: the scan stopped at --max-seconds {args.max_seconds:g} before "
@@ -112,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
         found = {
             "lr": {
                 "suggestion": lr.suggestion,
+                "rule": lr.rule,
+                "minimum": lr.minimum,
                 "steepest": lr.steepest,
                 "stopped": lr.stopped,
                 "lrs": lr.lrs,

@@ -174,6 +174,11 @@ class PreemptionListener(StepListener):
         self._view = self._buffer.numpy()
         self._next_exchange = 0  # the step of the next exchange, the same on every rank
         self._last: tuple[int, float] | None = None  # (step, time) of this rank's last one
+        self.exchanges = 0
+        """Exchanges this rank made (under ``torch.distributed``; none in one process)."""
+        self.exchange_seconds = 0.0
+        """The loop's time spent in them (reading the previous all-reduce, starting the next):
+        all preemption handling costs the training thread between signals."""
         if ctx.enabled:
             self._group = control_group("the preemption handler's setup (its gloo group)")
         self._restore: weakref.finalize | None = None
@@ -201,7 +206,10 @@ class PreemptionListener(StepListener):
         elif step < self._next_exchange:
             return self._next_exchange
         else:
+            started = time.perf_counter()
             signum = self._exchange(step)
+            self.exchanges += 1
+            self.exchange_seconds += time.perf_counter() - started
         if not signum:
             return self._next_call(step)
         self.agreed = signum

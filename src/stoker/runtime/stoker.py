@@ -249,12 +249,15 @@ class Stoker:
         self._steps.add_listener(RecordListener(self.services))
         if self.dist.group is not None:
             self._steps.add_listener(RanksListener(self.dist.group))
+        self.preemption: PreemptionListener | None = None
+        """The run's signal handling (``preemption=False``: None)."""
         if preemption is not False:
             # Before the checkpoints' listener (attached at prepare): its save comes first.
             config = preemption if isinstance(preemption, PreemptionConfig) else PreemptionConfig()
-            self._steps.add_listener(
-                PreemptionListener(config, self.services, self.dist, self._steps.alarm)
+            self.preemption = PreemptionListener(
+                config, self.services, self.dist, self._steps.alarm
             )
+            self._steps.add_listener(self.preemption)
         self._lifecycle = Lifecycle(self.close)
 
     # -- the step's counters (owned by self._steps) ------------------------------------------

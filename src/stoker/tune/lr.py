@@ -2,10 +2,17 @@
 steps with the learning rate rising exponentially from ``min_lr`` to ``max_lr``, watch the
 smoothed loss, and suggest a peak for a one-cycle schedule.
 
-The suggestion is fastai's rule of thumb (``lr_find``'s "minimum / 10"): the learning rate at
-the smoothed loss's minimum divided by 10, clamped into the scanned range; at the minimum the
-loss is already about to blow up, a tenth of it still descends quickly. ``steepest`` (the
-steepest descent of the smoothed loss against log LR) is reported too.
+Three rules read a peak off the curve (``rule=``), and the result carries all three:
+
+- ``"min/10"`` (the default): fastai's rule of thumb, the learning rate at the smoothed loss's
+  minimum divided by 10; at the minimum the loss is about to blow up, a tenth of it still
+  descends quickly. The cautious choice for a long schedule.
+- ``"min"``: the minimum itself, Smith's upper bound of the range. On the built-in MLM it
+  trained a short schedule best (``benchmarks/time_to_accuracy.py``), but it sits next to
+  divergence: check it on your model.
+- ``"steepest"``: where the smoothed loss falls fastest per unit of log LR, before its minimum.
+
+Each is clamped into the scanned range.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import torch
 from stoker.errors import StokerError
 from stoker.tune._common import Deadline, preserved, progress_bar
 
-__all__ = ["LRRangeResult", "find_lr"]
+__all__ = ["LR_RULES", "LRRangeResult", "find_lr"]
+
+LR_RULES = ("min/10", "min", "steepest")
+"""How :func:`find_lr` reads a peak off the curve (module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +44,15 @@ class LRRangeResult:
     losses: list[float]
     """The smoothed (bias-corrected exponential moving average) loss after each step."""
     suggestion: float
-    """Suggested one-cycle peak: the LR at the smoothed loss's minimum / 10, within the scan."""
+    """Suggested one-cycle peak, by :attr:`rule`."""
     steepest: float
     """The LR where the smoothed loss fell fastest (per unit of log LR) before its minimum."""
     stopped: str
     """Why the scan ended: ``"max_lr"``, ``"diverged"`` or ``"time"``."""
+    minimum: float
+    """The LR at the smoothed loss's minimum."""
+    rule: str
+    """The rule :attr:`suggestion` follows: ``"min/10"``, ``"min"`` or ``"steepest"``."""
 
     def plot(self, path: str | Path) -> Path:
         """Write the loss-vs-LR curve as a PNG (needs matplotlib: ``pip install matplotlib``)."""
@@ -54,7 +68,9 @@ class LRRangeResult:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.losses)
         ax.set_xscale("log")
-        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label="suggested peak")
+        ax.axvline(
+            self.suggestion, color="tab:red", linestyle="--", label=f"suggested peak ({self.rule})"
+        )
         ax.set_xlabel("learning rate")
         ax.set_ylabel("smoothed loss")
         ax.legend()
@@ -88,6 +104,7 @@ def find_lr(
     smoothing: float = 0.9,
     diverge: float = 4.0,
     max_seconds: float = 120.0,
+    rule: str = "min/10",
     progress: bool = True,
 ) -> LRRangeResult:
     """Run the range test on ``model`` with ``optimizer``; restore both afterwards.
@@ -96,9 +113,11 @@ def find_lr(
     ``batches`` is cycled. Each step: ``zero_grad``, ``loss_fn(batch).backward()``, ``step``
     at ``lr_i = min_lr * (max_lr / min_lr) ** (i / (steps - 1))`` on every parameter group.
     Stops early once the smoothed loss exceeds ``diverge`` x its minimum or is not finite, or
-    when ``max_seconds`` are up. Reads the loss every step (a host sync: this is a finder,
-    not a training loop).
+    when ``max_seconds`` are up. ``rule`` picks the suggestion (module docstring). Reads the
+    loss every step (a host sync: this is a finder, not a training loop).
     """
+    if rule not in LR_RULES:
+        raise StokerError(f"find_lr rule={rule!r}; choose one of {', '.join(LR_RULES)}.")
     if not 0 < min_lr < max_lr:
         raise StokerError(f"find_lr needs 0 < min_lr < max_lr; got {min_lr}, {max_lr}.")
     if steps < 5:
@@ -144,7 +163,8 @@ def find_lr(
             f"lower min_lr (the loss was not finite at lr {min_lr:.1e})."
         )
     lowest = int(np.argmin(losses))
-    suggestion = min(max(lrs[lowest] / 10, lrs[0]), lrs[-1])
     slope = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
     steepest = lrs[int(np.argmin(slope[: lowest + 1]))]
-    return LRRangeResult(lrs, losses, suggestion, steepest, stopped)
+    picked = {"min/10": lrs[lowest] / 10, "min": lrs[lowest], "steepest": steepest}[rule]
+    suggestion = min(max(picked, lrs[0]), lrs[-1])
+    return LRRangeResult(lrs, losses, suggestion, steepest, stopped, lrs[lowest], rule)
