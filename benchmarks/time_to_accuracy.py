@@ -12,10 +12,12 @@ what a technique adds beyond a shorter schedule shows. Variants:
 
 - ``plain``: the defaults, ``--steps`` steps;
 - ``plain-short``: the defaults over ``fraction x steps``;
-- ``one-cycle``: ``--schedule one-cycle`` (peak = the plain LR), short;
+- ``one-cycle``: ``--schedule one-cycle``, peak = the LR finder's (``stoker tune lr``,
+  ``--lr-rule``, by default the smoothed loss's minimum), short;
 - ``seq-warmup``: ``--seq-warmup 0.3`` (rows of 32, 64, then 128 tokens), short;
-- ``finders``: the batch size (LR scaled by sqrt) and threads x workers that
-  ``stoker tune batch-size`` / ``stoker tune threads`` recommend here, short (same tokens);
+- ``finders``: the LR finder's peak, and the batch size (that LR scaled by sqrt) and
+  threads x workers that ``stoker tune batch-size`` / ``stoker tune threads`` recommend here,
+  short (same tokens);
 - ``all``: ``--recipe fast`` with the finders' settings (``--recipe fast`` was one-cycle +
   sequence-length warm-up in the first full run; it is the winner, sequence-length warm-up
   alone, since).
@@ -58,11 +60,15 @@ def _train_mlm() -> Any:
 
 
 def find_settings(args: Any, quick: bool) -> dict[str, Any]:
-    """Run the batch-size and threads finders on the built-in MLM job (bounded)."""
-    from stoker.tune import MLMJob, tune_batch_size, tune_threads
+    """Run the LR, batch-size and threads finders on the built-in MLM job (bounded)."""
+    from stoker.tune import MLMJob, scale_lr, tune_batch_size, tune_lr, tune_threads
 
     job = MLMJob(batch_size=args.batch_size, lr=args.lr)
     began = time.perf_counter()
+    # As `stoker tune lr --rule ...` runs it (1e-6 to 1 over 100 steps).
+    found_lr = tune_lr(
+        job, steps=10 if quick else 100, rule=args.lr_rule, max_seconds=args.finder_seconds
+    )
     sizes = [4, 8] if quick else [16, 32, 64, 128]
     bs = tune_batch_size(
         job, candidates=sizes, steps=1 if quick else 3, max_seconds=args.finder_seconds
@@ -79,7 +85,15 @@ def find_settings(args: Any, quick: bool) -> dict[str, Any]:
     )
     return {
         "batch_size": bs.recommended,
-        "lr": bs.lr if bs.lr is not None else args.lr,
+        # The LR finder's peak, at the plain batch size; scaled as the batch-size finder says.
+        "lr": scale_lr(found_lr.suggestion, args.batch_size, bs.recommended),
+        "lr_finder": {
+            "suggestion": found_lr.suggestion,
+            "rule": found_lr.rule,
+            "minimum": found_lr.minimum,
+            "steepest": found_lr.steepest,
+            "stopped": found_lr.stopped,
+        },
         "threads": th.threads,
         "workers": th.workers,
         "batch_trials": [list(r) for r in bs.table()],
@@ -96,8 +110,9 @@ def variant_argv(name: str, args: Any, found: dict[str, Any]) -> list[str]:
         return [*base, "--steps", str(args.steps)]
     if name == "plain-short":
         return [*base, "--steps", str(short)]
-    if name == "one-cycle":
-        return [*base, "--steps", str(short), "--schedule", "one-cycle"]
+    if name == "one-cycle":  # at the LR finder's peak (the batch size is the plain one)
+        peak = ["--lr", f"{found['lr_finder']['suggestion']:.6g}"]
+        return [*base, *peak, "--steps", str(short), "--schedule", "one-cycle"]
     if name == "seq-warmup":
         return [*base, "--steps", str(short), "--seq-warmup", "0.3"]
     b = found["batch_size"]
@@ -134,6 +149,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--finder-seconds", type=float, default=None, help="bound per finder")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument(
+        "--lr-rule",
+        default="min",
+        choices=("min/10", "min", "steepest"),
+        help="how the LR finder's peak is read (%(default)s; see stoker.tune.lr)",
+    )
     args = parser.parse_args()
     quick = args.quick
     args.steps = args.steps or (12 if quick else 1500)
@@ -152,7 +173,7 @@ def main() -> int:
     os.environ["STOKER_RUNS_DIR"] = tempfile.mkdtemp(prefix="stoker-tta-runs-")
     meta: dict[str, Any] = {k: getattr(args, k) for k in (
         "steps", "fraction", "batch_size", "lr", "eval_every", "eval_batches", "seeds",
-        "finder_seconds")}  # fmt: skip
+        "finder_seconds", "lr_rule")}  # fmt: skip
     bench = Bench.from_args("time_to_accuracy", args, meta=meta)
     console = bench.console
     train_mlm = _train_mlm()
@@ -160,7 +181,7 @@ def main() -> int:
 
     found: dict[str, Any] = {"batch_size": args.batch_size, "lr": args.lr, "threads": 0,
                              "workers": 0}  # fmt: skip
-    if {"finders", "all"} & set(variants):
+    if {"one-cycle", "finders", "all"} & set(variants):
         found = find_settings(args, quick)
         torch.set_num_threads(threads_before)
     meta["finders"] = found
@@ -199,11 +220,14 @@ def main() -> int:
     # as the target and no plain run "reached" its own final accuracy on its curve.)
     target = min(r["evals"][-1][2] for r in runs["plain"])
     plain_time = {r["seed"]: time_to(target, r["evals"]) for r in runs["plain"]}
+    peak = found.get("lr_finder", {}).get("suggestion", 0.0)
     table = Table(
         title=f"time to the plain recipe's final validation accuracy ({target:.2%}), "
         f"{args.seeds} seed(s)",
-        caption=f"finders (run once, first, {found.get('seconds', 0.0):.0f} s): batch size "
-        f"{found['batch_size']}, lr {found['lr']:.3g}, threads {found['threads'] or 'default'}, "
+        caption=f"finders (run once, first, {found.get('seconds', 0.0):.0f} s): "
+        f"LR range test peak ({args.lr_rule}) {peak:.3g}, "
+        f"batch size {found['batch_size']} (lr {found['lr']:.3g}), "
+        f"threads {found['threads'] or 'default'}, "
         f"workers {found['workers']}; training time only (validation excluded); "
         f"validation every {args.eval_every} steps at batch {args.batch_size}",
     )

@@ -112,7 +112,11 @@ def _kill_after(argv, env, until_step, ready=lambda: True):
     return line.split()
 
 
-@pytest.mark.parametrize("flush_seconds", [1.0, 0.1], ids=["old-default-1s", "default-0.1s"])
+@pytest.mark.parametrize(
+    "flush_seconds",
+    [pytest.param(1.0, marks=pytest.mark.slow), 0.1],  # (the old default: slow-marked)
+    ids=["old-default-1s", "default-0.1s"],
+)
 def test_sigkill_loses_at_most_one_flush_interval_of_metrics(tmp_path, flush_seconds):
     # ~1 ms steps logging their loss, then SIGKILL: lines reach the OS (the page cache, which
     # outlives the process) once per flush, so what is lost is the last flush_seconds at most.

@@ -105,7 +105,9 @@ def test_word_language_model_lstm_killed_and_resumed_is_bitwise_exact(tmp_path):
     assert result.tensors_compared > 10
 
 
-@pytest.mark.parametrize("seed", [3, pytest.param(8, marks=pytest.mark.slow)])
+# Both seeds slow (~14 s each on an EPYC Zen 3); test_exact_resume keeps SIGKILL exactness.
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [3, 8])
 def test_nanogpt_style_randint_loop_killed_and_resumed_is_bitwise_exact(tmp_path, seed):
     args = ["--max-iters", "20", "--every", "3", "--eval-interval", "5"]
     result = _check(tmp_path, "randint_job.py", args, 1, seed=seed)

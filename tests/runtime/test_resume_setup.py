@@ -72,6 +72,8 @@ def test_resuming_with_another_seed_is_refused(tmp_path):
     assert "written with seed=0 and this run has seed=1" in message and "\n" not in message
 
 
+# Slow (~19 s on an EPYC Zen 3); the other refusals stay in the default suite.
+@pytest.mark.slow
 def test_another_number_of_processes_resumes_only_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "STOKER_RUN_DIR": str(tmp_path / "run")}
     two = [sys.executable, "-m", "stoker", "run", "--nproc", "2", str(DDP_JOB)]

@@ -65,6 +65,8 @@ def test_a_bad_job_spec_is_one_line(tmp_path, capsys):
     assert err.startswith("stoker: error: --job") and "other" in err and err.count("\n") == 1
 
 
+# Slow (~14 s on an EPYC Zen 3); tests/tune/test_finders.py keeps each finder's bounds.
+@pytest.mark.slow
 def test_tune_batch_size_and_threads_on_the_default_mlm_within_bounds(
     tmp_path, monkeypatch, capsys
 ):
