@@ -111,8 +111,8 @@ def variant_argv(name: str, args: Any, found: dict[str, Any]) -> list[str]:
     if name == "plain-short":
         return [*base, "--steps", str(short)]
     if name == "one-cycle":  # at the LR finder's peak (the batch size is the plain one)
-        peak = ["--lr", f"{found['lr_finder']['suggestion']:.6g}"]
-        return [*base, *peak, "--steps", str(short), "--schedule", "one-cycle"]
+        peak = f"{found['lr_finder']['suggestion']:.6g}"
+        return [*base[:2], "--lr", peak, "--steps", str(short), "--schedule", "one-cycle"]
     if name == "seq-warmup":
         return [*base, "--steps", str(short), "--seq-warmup", "0.3"]
     b = found["batch_size"]
@@ -152,7 +152,7 @@ def main() -> int:
     parser.add_argument(
         "--lr-rule",
         default="min",
-        choices=("min/10", "min", "steepest"),
+        choices=("min", "min/10", "steepest"),
         help="how the LR finder's peak is read (%(default)s; see stoker.tune.lr)",
     )
     args = parser.parse_args()

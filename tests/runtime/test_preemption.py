@@ -234,6 +234,8 @@ def test_fast_steps_exchange_rarely(tmp_path, monkeypatch):
             # Steps 1, 2 (reading step 1's proposal: 1), 3 (reading step 2's: the cap, 100
             # steps, from the measured microseconds), then 103 and 203.
             assert len(started) == 5, started
+            # ... and the listener's own account of them (what benchmarks/preemption.py reads).
+            assert listener.exchanges == 5 and 0 < listener.exchange_seconds < 5
         finally:
             listener.close(None)
     finally:

@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lr", type=float, default=1.0, help="lr: scan end")
     parser.add_argument(
         "--rule",
-        default="min/10",
-        choices=("min/10", "min", "steepest"),
+        default="min",
+        choices=("min", "min/10", "steepest"),
         help="lr: how the suggestion is read off the curve (default %(default)s)",
     )
     parser.add_argument("--plot", default=None, metavar="PATH", help="lr: PNG path")

@@ -4,12 +4,15 @@ smoothed loss, and suggest a peak for a one-cycle schedule.
 
 Three rules read a peak off the curve (``rule=``), and the result carries all three:
 
-- ``"min/10"`` (the default): fastai's rule of thumb, the learning rate at the smoothed loss's
-  minimum divided by 10; at the minimum the loss is about to blow up, a tenth of it still
-  descends quickly. The cautious choice for a long schedule.
-- ``"min"``: the minimum itself, Smith's upper bound of the range. On the built-in MLM it
-  trained a short schedule best (``benchmarks/time_to_accuracy.py``), but it sits next to
-  divergence: check it on your model.
+- ``"min"`` (the default): the minimum itself, Smith's upper bound of the range. On the
+  built-in MLM the finder puts it at 5.0e-3 (on an EPYC Zen 3 and a Zen 5 alike); that peak
+  (scaled to the batch size the batch-size finder picked), with sequence-length warm-up, took
+  a 0.6x-token schedule furthest of the variants in ``benchmarks/time_to_accuracy.py``. It
+  sits close to divergence (one exploratory run at 8e-3 trained much worse): check it on
+  your model.
+- ``"min/10"``: fastai's rule of thumb, the minimum divided by 10; at the minimum the loss is
+  about to blow up, a tenth of it still descends. The cautious choice (5e-4 on the built-in
+  MLM, a quarter of its plain LR).
 - ``"steepest"``: where the smoothed loss falls fastest per unit of log LR, before its minimum.
 
 Each is clamped into the scanned range.
@@ -31,7 +34,7 @@ from stoker.tune._common import Deadline, preserved, progress_bar
 
 __all__ = ["LR_RULES", "LRRangeResult", "find_lr"]
 
-LR_RULES = ("min/10", "min", "steepest")
+LR_RULES = ("min", "min/10", "steepest")
 """How :func:`find_lr` reads a peak off the curve (module docstring)."""
 
 
@@ -104,7 +107,7 @@ def find_lr(
     smoothing: float = 0.9,
     diverge: float = 4.0,
     max_seconds: float = 120.0,
-    rule: str = "min/10",
+    rule: str = "min",
     progress: bool = True,
 ) -> LRRangeResult:
     """Run the range test on ``model`` with ``optimizer``; restore both afterwards.
