@@ -80,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="plain",
         choices=["plain", "fast"],
         help="plain: warm-up + cosine at full length; fast: the same with sequence-length "
-        "warm-up, what won in benchmarks/time_to_accuracy.py (one-cycle lost there; "
-        "exactly --steps: no --budget-minutes)",
+        "warm-up; with the finders' --lr and --batch-size (stoker tune lr / batch-size) what "
+        "came closest in benchmarks/time_to_accuracy.py, where one-cycle did not help "
+        "(exactly --steps: no --budget-minutes)",
     )
     p.add_argument("--schedule", choices=["cosine", "one-cycle"], help="LR schedule (by recipe)")
     p.add_argument(

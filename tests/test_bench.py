@@ -124,20 +124,22 @@ def test_sleep_ratio_is_measured_by_the_real_clock() -> None:
 
 def test_json_contents_round_trip(tmp_path: Path) -> None:
     clock = FakeClock()
+    meta = {"size": 7}
     bench = Bench(
         "unit",
         BenchConfig(warmup=1, repeats=3, out_dir=tmp_path),
-        meta={"size": 7},
+        meta=meta,
         quiet=True,
         clock=clock,
     )
     bench.compare("c1", [Candidate("A", clock.advancing(1.0), work=10)], unit="tokens")
+    meta["result"] = 0.5  # filled in by the script after the bench was made: saved too
     path = bench.save()
     assert path is not None and path.parent == tmp_path and path.name.startswith("unit-")
     data = json.loads(path.read_text())
     assert data["benchmark"] == "unit"
     assert data["config"] == {"warmup": 1, "repeats": 3, "quick": False, "clock": "wall"}
-    assert data["meta"] == {"size": 7}
+    assert data["meta"] == {"size": 7, "result": 0.5}
     (comp,) = data["comparisons"]
     cand = comp["candidates"][0]
     assert comp["unit"] == "tokens" and comp["baseline"] == "A"

@@ -183,7 +183,7 @@ class Bench:
         name: str,
         config: BenchConfig | None = None,
         *,
-        meta: Mapping[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
         console: Console | None = None,
         quiet: bool = False,
         clock: Callable[[], float] | None = None,
@@ -192,7 +192,9 @@ class Bench:
             raise StokerError(f"benchmark name {name!r} must be non-empty and contain no '/'")
         self.name = name
         self.config = config if config is not None else BenchConfig()
-        self.meta: dict[str, Any] = dict(meta or {})
+        # The caller's dict itself, not a copy: a script that fills it in after constructing
+        # the bench (its results, as it computes them) gets them saved.
+        self.meta: dict[str, Any] = meta if meta is not None else {}
         """Script inputs and extra measurements (sizes, compile time); saved in the JSON."""
         self.comparisons: list[Comparison] = []
         if console is None and not quiet:
@@ -212,7 +214,7 @@ class Bench:
 
     @classmethod
     def from_args(
-        cls, name: str, args: argparse.Namespace, *, meta: Mapping[str, Any] | None = None
+        cls, name: str, args: argparse.Namespace, *, meta: dict[str, Any] | None = None
     ) -> Bench:
         """A bench configured from :func:`bench_parser` arguments."""
         return cls(name, BenchConfig.from_args(args), meta=meta)
