@@ -2,7 +2,8 @@
 steps with the learning rate rising exponentially from ``min_lr`` to ``max_lr``, watch the
 smoothed loss, and suggest a peak for a one-cycle schedule.
 
-Three rules read a peak off the curve (``rule=``), and the result carries all three:
+Three rules read a peak off the curve (``rule=``); the result carries the minimum and the
+steepest point whichever is chosen:
 
 - ``"min"`` (the default): the minimum itself, Smith's upper bound of the range. On the
   built-in MLM the finder puts it at 5.0e-3 (on an EPYC Zen 3 and a Zen 5 alike); that peak
