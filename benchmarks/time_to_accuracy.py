@@ -45,6 +45,7 @@ import torch
 from rich.table import Table
 
 from stoker.bench import Bench, bench_parser
+from stoker.tune.lr import LR_RULES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mlm.py"
 TARGET_RATIO = 0.6
@@ -152,7 +153,7 @@ def main() -> int:
     parser.add_argument(
         "--lr-rule",
         default="min",
-        choices=("min", "min/10", "steepest"),
+        choices=LR_RULES,
         help="how the LR finder's peak is read (%(default)s; see stoker.tune.lr)",
     )
     args = parser.parse_args()
