@@ -163,3 +163,44 @@ def test_accumulate_skips_the_prepared_models_ddp_sync_until_the_windows_last(tm
         assert seen == [(False, False), (True, True)] * 2
     finally:
         dist.destroy_process_group()
+
+
+def test_a_steady_step_makes_only_the_step_owners_calls(tmp_path, monkeypatch):
+    """The per-step path on one process, call by call: the prepared model, backward and the
+    optimizer's step, and nothing else of stoker's (the listeners, meters and record are not
+    called between their wake-ups). A small model's step time is this path's cost."""
+    import sys
+
+    monkeypatch.setenv("STOKER_RUNS_DIR", str(tmp_path))
+    stoker = Stoker(device="cpu", precision="fp32", doctor=False)
+    net = torch.nn.Linear(4, 1)
+    model, opt = stoker.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x = torch.randn(8, 4)
+
+    def step():
+        stoker.backward(model(x).square().mean())
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(3):
+        step()
+    called: list[tuple[str, str]] = []
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and "/stoker/" in code.co_filename:
+            called.append((code.co_filename.rsplit("/", 1)[-1], code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    stoker.close()
+    assert called == [
+        ("model.py", "__call__"),  # PreparedModel
+        ("step.py", "backward"),  # TrainingStep's own: Stoker.backward is it in one process
+        ("prepared.py", "step"),  # PreparedOptimizer
+        ("step.py", "optimizer_step"),
+        ("step.py", "_end_step"),
+    ]

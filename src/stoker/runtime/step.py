@@ -242,7 +242,7 @@ class TrainingStep:
         sync = self.sync_gradients = self.micro_step % self.accumulation_steps == 0
         return sync
 
-    def backward(self, loss: torch.Tensor, tokens: torch.Tensor | int | None) -> None:
+    def backward(self, loss: torch.Tensor, *, tokens: torch.Tensor | int | None = None) -> None:
         """See :meth:`Stoker.backward`."""
         if self._stepped:  # (start_micro_batch, inlined: this runs every micro-batch)
             self._end_step()
