@@ -14,11 +14,14 @@ def _load():
     return module
 
 
-def test_fast_recipe_resolves_to_seq_warmup():
-    args = _load().parse_args(["--recipe", "fast"])
+def test_fast_recipe_resolves_to_seq_warmup_at_the_lr_finders_peak():
+    module = _load()
+    args = module.parse_args(["--recipe", "fast"])
     assert (args.schedule, args.seq_warmup, args.budget_minutes) == ("cosine", 0.3, 0.0)
-    plain = _load().parse_args([])
-    assert (plain.schedule, plain.seq_warmup) == ("cosine", 0.0)
+    assert args.lr == module.FAST_LR
+    plain = module.parse_args([])
+    assert (plain.schedule, plain.seq_warmup, plain.lr) == ("cosine", 0.0, module.PLAIN_LR)
+    assert module.parse_args(["--recipe", "fast", "--lr", "1e-3"]).lr == 1e-3  # given: kept
 
 
 def test_fast_recipe_trains_and_validates_mid_run(monkeypatch, tmp_path):
