@@ -370,3 +370,28 @@ def test_a_failing_window_never_stops_training(caplog):
     assert sum("could not be measured: disk gone" in r.message for r in caplog.records) == 1
     with pytest.raises(StokerError, match="one count"):
         meters.count_tokens(torch.ones(3))
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_peak_probe_tries_a_larger_size_only_if_it_would_be_quick(monkeypatch, slow):
+    """A dtype the CPU computes slowly (bf16 on AVX2-only CPUs: ~2% of fp32) is probed at the
+    smallest size only: the probe runs on the training thread and must not stall it for
+    seconds. A fast one goes on to larger sizes (closer to the real peak)."""
+    from stoker.meters import peak
+
+    sizes = []
+    mm = torch.mm
+
+    def timed_mm(a, b):
+        sizes.append(a.shape[0])
+        if slow:  # the smallest product takes 0.05 s: the next (8x the work) would take 0.4 s
+            time.sleep(0.05 * (a.shape[0] / peak._SIZES[0]) ** 3)
+        return mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", timed_mm)
+    flops = peak._probe(torch.device("cpu"), torch.float32)
+    assert flops > 0
+    if slow:
+        assert set(sizes) == {peak._SIZES[0]}
+    else:  # any CPU multiplies 512 x 512 in fp32 at > 9 GFLOP/s: 8x that work < 0.25 s
+        assert len(set(sizes)) > 1

@@ -40,7 +40,10 @@ DENSE_TFLOPS: dict[str, dict[str, float]] = {
 }
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SIZES = (512, 1024, 2048)
-_SLOW_S = 0.25  # a product slower than this: no larger size is tried
+# A larger size (8x the work) is tried only while it would take at most this long at the rate
+# just measured: the probe runs on the training thread, and a dtype the CPU computes slowly
+# (bf16 on AVX2 at ~2% of fp32) stops at the smallest size instead of stalling for seconds.
+_SLOW_S = 0.25
 _ROUNDS = 3
 
 
@@ -127,6 +130,6 @@ def _probe(device: torch.device, dtype: torch.dtype) -> float:
                 sync()
                 fastest = min(fastest, time.perf_counter() - t0)
             best = max(best, 2 * n**3 / fastest)
-            if fastest > _SLOW_S:
+            if 8 * fastest > _SLOW_S:
                 break
     return best
