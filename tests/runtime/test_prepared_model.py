@@ -1,5 +1,6 @@
 """The prepared model: a wrapper around the user's module, never a patch of it."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -153,3 +154,39 @@ def test_hooks_fire_on_the_users_module_and_on_the_wrapper():
     model(torch.randn(3, 4))
     assert seen == ["pre PreparedModel", "user torch.bfloat16", "wrapper torch.float32"]
     stoker.close()
+
+
+class _Raises(torch.nn.Module):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.linear = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        raise RuntimeError(self.message)
+
+
+def test_a_layer_without_a_kernel_in_the_autocast_dtype_is_one_clear_error(tmp_path):
+    """torch's oneDNN has no bf16 LSTM kernel on AVX2-only CPUs (an AMD EPYC Zen 3): stoker
+    says what it means and what to do; any other error is the model's own, untouched."""
+    from stoker import StokerError
+
+    stoker = Stoker(device="cpu", precision="bf16", record=False, doctor=False)
+    torch_says = (
+        "could not create a primitive descriptor for the LSTM forward propagation primitive."
+    )
+    model = stoker.prepare(_Raises(torch_says))
+    with pytest.raises(StokerError, match=r"no bf16 kernel .* use precision='fp32'") as caught:
+        model(torch.randn(1, 2))
+    assert "\n" not in str(caught.value)
+    other = stoker.prepare(_Raises("shapes do not match"))
+    with pytest.raises(RuntimeError, match=r"^shapes do not match$"):
+        other(torch.randn(1, 2))
+    # A real nn.LSTM in bf16: it runs where the CPU has the kernel, and is that error where not.
+    lstm = stoker.prepare(torch.nn.LSTM(4, 4, batch_first=True))
+    try:
+        out, _ = lstm(torch.randn(2, 3, 4))
+    except StokerError as exc:
+        assert "precision='fp32'" in str(exc)
+    else:
+        assert out.dtype == torch.float32

@@ -29,11 +29,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from stoker.errors import StokerError
 from stoker.runtime.nested import map_tensors
 
 __all__ = ["PreparedModel", "is_sharded", "unwrap_model"]
 
 _HALF = (torch.bfloat16, torch.float16)
+
+# torch's message when oneDNN has no kernel for a layer in the autocast dtype on this CPU
+# (nn.LSTM in bf16 without AVX-512, e.g. an AMD EPYC Zen 3).
+_NO_ONEDNN_KERNEL = "could not create a primitive descriptor"
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -146,7 +152,16 @@ class PreparedModel(nn.Module):
         if dtype is None:
             return self._forward(*args, **kwargs)
         with torch.autocast(device_type=self.device_type, dtype=dtype):
-            output = self._forward(*args, **kwargs)
+            try:
+                output = self._forward(*args, **kwargs)
+            except RuntimeError as exc:
+                if self.device_type == "cpu" and _NO_ONEDNN_KERNEL in str(exc):
+                    raise StokerError(
+                        f"this CPU has no {_DTYPE_NAMES.get(dtype, dtype)} kernel for a layer of "
+                        f"the model (torch's oneDNN: {str(exc).split('.')[0]}; nn.LSTM in bf16 "
+                        "needs AVX-512); use precision='fp32' for this model on this CPU"
+                    ) from exc
+                raise
         # Losses computed outside the model (cross-entropy on bf16 logits) lose precision;
         # hand fp32 back like a fp32 model would.
         return _to_fp32(output)
