@@ -30,7 +30,7 @@ from stoker.data.mlm import mlm_accuracy, mlm_loss, unigram_baseline
 from stoker.data.seqlen import SequenceLengthWarmup
 from stoker.data.tokenizer import load_token_documents, load_tokenizer
 from stoker.models import Encoder, EncoderConfig
-from stoker.schedules import one_cycle, warmup_cosine
+from stoker.schedules import one_cycle, warmup_cosine, warmup_stable_decay
 
 CALIBRATE = 20  # steps timed to fit the number of steps to --budget-minutes
 PLAIN_LR = 2e-3
@@ -96,7 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "benchmarks/time_to_accuracy.py, where one-cycle did not help (exactly --steps: no "
         "--budget-minutes)",
     )
-    p.add_argument("--schedule", choices=["cosine", "one-cycle"], help="LR schedule (by recipe)")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "one-cycle", "wsd"],
+        help="LR schedule (by recipe; wsd: warm-up, stable, linear decay over the last 20%%)",
+    )
     p.add_argument(
         "--seq-warmup",
         type=float,
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     warmup = min(args.warmup, args.steps // 10)
     if args.schedule == "one-cycle":
         scheduler = one_cycle(optimizer, total_steps=args.steps)
+    elif args.schedule == "wsd":
+        scheduler = warmup_stable_decay(
+            optimizer, warmup_steps=warmup, total_steps=lambda: plan["steps"]
+        )
     else:
         scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=lambda: plan["steps"])
     model, optimizer, train_loader, val_loader, scheduler = stoker.prepare(

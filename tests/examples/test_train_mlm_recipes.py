@@ -4,6 +4,8 @@ mid-training validation ``benchmarks/time_to_accuracy.py`` reads."""
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).parents[2] / "examples" / "train_mlm.py"
 
 
@@ -24,10 +26,12 @@ def test_fast_recipe_resolves_to_seq_warmup_at_the_lr_finders_peak():
     assert module.parse_args(["--recipe", "fast", "--lr", "1e-3"]).lr == 1e-3  # given: kept
 
 
-def test_fast_recipe_trains_and_validates_mid_run(monkeypatch, tmp_path):
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_fast_recipe_trains_and_validates_mid_run(monkeypatch, tmp_path, schedule):
     monkeypatch.setenv("STOKER_RUNS_DIR", str(tmp_path))
     monkeypatch.setenv("STOKER_DOCTOR", "0")
     argv = ["--recipe", "fast", "--steps", "6", "--batch-size", "8", "--eval-every", "3"]
+    argv += ["--schedule", schedule]
     results = _load().main([*argv, "--eval-batches", "2", "--log-every", "3"])
     assert results["steps"] == 6
     assert [e[0] for e in results["evals"]] == [3, 6]
