@@ -176,7 +176,7 @@ def test_a_layer_without_a_kernel_in_the_autocast_dtype_is_one_clear_error(tmp_p
         "could not create a primitive descriptor for the LSTM forward propagation primitive."
     )
     model = stoker.prepare(_Raises(torch_says))
-    with pytest.raises(StokerError, match=r"no bf16 kernel .* use precision='fp32'") as caught:
+    with pytest.raises(StokerError, match=r"no bfloat16 kernel .* use precision='fp32'") as caught:
         model(torch.randn(1, 2))
     assert "\n" not in str(caught.value)
     other = stoker.prepare(_Raises("shapes do not match"))

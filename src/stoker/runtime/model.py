@@ -39,7 +39,6 @@ _HALF = (torch.bfloat16, torch.float16)
 # torch's message when oneDNN has no kernel for a layer in the autocast dtype on this CPU
 # (nn.LSTM in bf16 without AVX-512, e.g. an AMD EPYC Zen 3).
 _NO_ONEDNN_KERNEL = "could not create a primitive descriptor"
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -157,8 +156,8 @@ class PreparedModel(nn.Module):
             except RuntimeError as exc:
                 if self.device_type == "cpu" and _NO_ONEDNN_KERNEL in str(exc):
                     raise StokerError(
-                        f"this CPU has no {_DTYPE_NAMES.get(dtype, dtype)} kernel for a layer of "
-                        f"the model (torch's oneDNN: {str(exc).split('.')[0]}; nn.LSTM in bf16 "
+                        f"this CPU has no {str(dtype).removeprefix('torch.')} kernel for a layer "
+                        f"of the model (torch's oneDNN: {str(exc).split('.')[0]}; nn.LSTM in bf16 "
                         "needs AVX-512); use precision='fp32' for this model on this CPU"
                     ) from exc
                 raise
