@@ -1,5 +1,7 @@
 """The training step's one owner: what it counts, scales and finalizes, once per step."""
 
+import sys
+
 import pytest
 import torch
 
@@ -169,8 +171,6 @@ def test_a_steady_step_makes_only_the_step_owners_calls(tmp_path, monkeypatch):
     """The per-step path on one process, call by call: the prepared model, backward and the
     optimizer's step, and nothing else of stoker's (the listeners, meters and record are not
     called between their wake-ups). A small model's step time is this path's cost."""
-    import sys
-
     monkeypatch.setenv("STOKER_RUNS_DIR", str(tmp_path))
     stoker = Stoker(device="cpu", precision="fp32", doctor=False)
     net = torch.nn.Linear(4, 1)
