@@ -1,5 +1,5 @@
-"""Time to accuracy on the default MLM: the plain recipe against one-cycle, sequence-length
-warm-up, the finders' batch size and threads, and all of them together (issue 15).
+"""Time to accuracy on the default MLM: the plain recipe against one-cycle, warm-up-stable-decay,
+sequence-length warm-up, the finders' batch size and threads, and all of them together (issue 15).
 
 The target is the plain recipe's own last validation accuracy on its curve (the lower of its
 seeds', so every plain run reaches it): ``examples/train_mlm.py`` with today's defaults (warm-up +
@@ -14,13 +14,16 @@ what a technique adds beyond a shorter schedule shows. Variants:
 - ``plain-short``: the defaults over ``fraction x steps``;
 - ``one-cycle``: ``--schedule one-cycle``, peak = the LR finder's (``stoker tune lr``,
   ``--lr-rule``, by default the smoothed loss's minimum), short;
+- ``wsd``: ``--schedule wsd`` (warm-up, stable, linear decay over the last 20%) at the LR
+  finder's peak, short;
 - ``seq-warmup``: ``--seq-warmup 0.3`` (rows of 32, 64, then 128 tokens), short;
 - ``finders``: the LR finder's peak, and the batch size (that LR scaled by sqrt) and
   threads x workers that ``stoker tune batch-size`` / ``stoker tune threads`` recommend here,
   short (same tokens);
 - ``all``: ``--recipe fast`` with the finders' settings (``--recipe fast`` was one-cycle +
-  sequence-length warm-up in the first full run; it is the winner, sequence-length warm-up
-  alone, since).
+  sequence-length warm-up in the first full run; sequence-length warm-up over cosine in the
+  second; sequence-length warm-up over warm-up-stable-decay since a 4-seed comparison, see the
+  README).
 
 Finders run once, first (their time is reported, not added). ``--seeds`` seeds each,
 interleaved (seed 0 in variant order, seed 1 reversed, ...). Ratios are time to target over the
@@ -49,7 +52,7 @@ from stoker.tune.lr import LR_RULES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mlm.py"
 TARGET_RATIO = 0.6
-VARIANTS = ("plain", "plain-short", "one-cycle", "seq-warmup", "finders", "all")
+VARIANTS = ("plain", "plain-short", "one-cycle", "wsd", "seq-warmup", "finders", "all")
 
 
 def _train_mlm() -> Any:
@@ -111,9 +114,9 @@ def variant_argv(name: str, args: Any, found: dict[str, Any]) -> list[str]:
         return [*base, "--steps", str(args.steps)]
     if name == "plain-short":
         return [*base, "--steps", str(short)]
-    if name == "one-cycle":  # at the LR finder's peak (the batch size is the plain one)
+    if name in ("one-cycle", "wsd"):  # at the LR finder's peak (the batch size is the plain one)
         peak = f"{found['lr_finder']['suggestion']:.6g}"
-        return [*base[:2], "--lr", peak, "--steps", str(short), "--schedule", "one-cycle"]
+        return [*base[:2], "--lr", peak, "--steps", str(short), "--schedule", name]
     if name == "seq-warmup":
         return [*base, "--steps", str(short), "--seq-warmup", "0.3"]
     b = found["batch_size"]
@@ -182,7 +185,7 @@ def main() -> int:
 
     found: dict[str, Any] = {"batch_size": args.batch_size, "lr": args.lr, "threads": 0,
                              "workers": 0}  # fmt: skip
-    if {"one-cycle", "finders", "all"} & set(variants):
+    if {"one-cycle", "wsd", "finders", "all"} & set(variants):
         found = find_settings(args, quick)
         torch.set_num_threads(threads_before)
     meta["finders"] = found

@@ -16,10 +16,10 @@ def _load():
     return module
 
 
-def test_fast_recipe_resolves_to_seq_warmup_at_the_lr_finders_peak():
+def test_fast_recipe_resolves_to_seq_warmup_and_wsd_at_the_lr_finders_peak():
     module = _load()
     args = module.parse_args(["--recipe", "fast"])
-    assert (args.schedule, args.seq_warmup, args.budget_minutes) == ("cosine", 0.3, 0.0)
+    assert (args.schedule, args.seq_warmup, args.budget_minutes) == ("wsd", 0.3, 0.0)
     assert args.lr == module.FAST_LR
     plain = module.parse_args([])
     assert (plain.schedule, plain.seq_warmup, plain.lr) == ("cosine", 0.0, module.PLAIN_LR)
