@@ -29,7 +29,7 @@ Finders run once, first (their time is reported, not added). ``--seeds`` seeds e
 interleaved (seed 0 in variant order, seed 1 reversed, ...). Ratios are time to target over the
 plain run's of the same seed, then averaged. Acceptance (issue 15): ``all`` <= 0.6x plain.
 
-    python benchmarks/time_to_accuracy.py            # full run: ~25 min on a Zen 5, 71 on a Zen 3
+    python benchmarks/time_to_accuracy.py            # full run: ~30 min (Zen 5), ~85 min (Zen 3)
     python benchmarks/time_to_accuracy.py --quick    # smoke test (tiny steps; no claims)
 """
 
