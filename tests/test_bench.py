@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import io
+import itertools
 import json
 import time
 from pathlib import Path
@@ -54,14 +55,40 @@ def quiet_bench(clock: FakeClock | None = None, **config: object) -> Bench:
     return Bench("test", cfg, quiet=True, clock=clock)
 
 
-def test_rounds_are_interleaved_and_alternate_order() -> None:
+def test_rounds_are_interleaved_in_random_orders_and_no_candidate_runs_twice_in_a_row() -> None:
     clock, log = FakeClock(), []
-    cands = [Candidate(n, clock.advancing(1.0, log, n)) for n in "ABC"]
-    result = quiet_bench(clock, warmup=1, repeats=4).compare("order", cands)
-    # one warm-up round, then 4 timed rounds, reversing every other round.
-    assert log == list("ABC" + "ABC" + "CBA" + "ABC" + "CBA")
-    assert result.order == (tuple("ABC"), tuple("CBA"), tuple("ABC"), tuple("CBA"))
-    assert all(len(c.warmup_seconds) == 1 and len(c.seconds) == 4 for c in result.candidates)
+    cands = [Candidate(n, clock.advancing(1.0, log, n)) for n in "ABCD"]
+    result = quiet_bench(clock, warmup=2, repeats=40).compare("order", cands)
+    rounds = [tuple(log[i : i + 4]) for i in range(0, len(log), 4)]
+    assert len(rounds) == 42 and all(sorted(r) == list("ABCD") for r in rounds)
+    assert result.order == tuple(rounds[2:])  # the timed rounds, as run
+    assert all(a != b for a, b in itertools.pairwise(log))
+    # Every candidate takes every position (an alternating A B C D / D C B A never puts A second).
+    assert all({r[pos] for r in result.order} == set("ABCD") for pos in range(4))
+    assert all(len(c.warmup_seconds) == 2 and len(c.seconds) == 40 for c in result.candidates)
+    # Seeded: the same comparison runs in the same order again.
+    clock2, log2 = FakeClock(), []
+    cands2 = [Candidate(n, clock2.advancing(1.0, log2, n)) for n in "ABCD"]
+    quiet_bench(clock2, warmup=2, repeats=40).compare("order", cands2)
+    assert log2 == log
+
+
+def test_an_identical_copy_of_the_baseline_measures_as_the_baseline_with_warm_caches() -> None:
+    # A candidate that runs right after itself is 10% faster (its code and data still cached).
+    # The old A B, B A, ... order ran the baseline twice in a row at every turn and made its
+    # identical copy look slower; no candidate may ever follow itself.
+    clock, previous = FakeClock(), [""]
+
+    def cached(name: str):
+        def fn() -> None:
+            clock.now += 0.9 if previous[0] == name else 1.0
+            previous[0] = name
+
+        return fn
+
+    cands = [Candidate(n, cached(n)) for n in ("raw", "raw#2", "other")]
+    result = quiet_bench(clock, warmup=1, repeats=30).compare("aa", cands)
+    assert result["raw#2"].ratios == (1.0,) * 30
 
 
 def test_number_calls_make_one_sample_and_time_is_per_call() -> None:
@@ -74,7 +101,7 @@ def test_number_calls_make_one_sample_and_time_is_per_call() -> None:
 
 def test_median_min_max_and_ratio_from_known_durations() -> None:
     clock = FakeClock()
-    # Rounds alternate A B / B A, so each list is consumed in that candidate's own order.
+    # Each candidate's list is consumed in its own call order, whatever the rounds' order.
     a = Candidate("A", clock.advancing([1.0, 2.0, 3.0, 4.0, 100.0]))
     b = Candidate("B", clock.advancing([2.0, 4.0, 6.0, 8.0, 200.0]))
     result = quiet_bench(clock, repeats=5).compare("known", [a, b], baseline="A")

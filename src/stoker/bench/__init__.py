@@ -3,9 +3,10 @@
 A benchmark is a few *candidates* (zero-argument callables doing the same work in different
 ways) compared against a named *baseline* in the same process. The harness:
 
-- runs warm-up rounds, then timed rounds, **interleaved**: round 0 runs A B C, round 1 runs
-  C B A, round 2 A B C, ... so slow drift (thermal, turbo, a neighbour on the VM) hits every
-  candidate alike;
+- runs warm-up rounds, then timed rounds, **interleaved**: each round runs every candidate
+  once, in a random (seeded) order that never starts with the previous round's last, so slow
+  drift (thermal, turbo, a neighbour on the VM) and the caches one candidate leaves to the
+  next hit every candidate alike, and no candidate runs twice in a row;
 - times each sample with :func:`time.perf_counter` around ``number`` calls, synchronising
   CUDA/MPS (when in use) before starting and before stopping the clock (``--clock thread``
   measures the thread's CPU time instead, with one torch thread: steadier on a busy machine);

@@ -7,6 +7,7 @@ import datetime as _dt
 import gc
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -162,6 +163,35 @@ def _process_state() -> dict[str, object]:
     }
 
 
+class _RoundOrder:
+    """The order of each round's candidates: a fresh random permutation (seeded, so a run's
+    order is reproducible), never starting with the candidate that ended the previous round.
+
+    Why not A B C, C B A, ...: at each turn the end candidates run twice in a row, and a
+    candidate that follows itself finds its code and data in the caches. The first candidate
+    is the baseline: on ``overhead.py``'s 0.45 ms MLP step an identical copy of it measured
+    1.002-1.006x the baseline in four runs of that order, 0.995-1.000x in four of this one. A
+    random order gives every candidate every position and every predecessor alike, so drift
+    and cache effects cancel in expectation, and no sample ever follows one of its own.
+    """
+
+    __slots__ = ("_last", "_n", "_random")
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self._n = n
+        self._random = random.Random(seed)
+        self._last: int | None = None
+
+    def next(self) -> list[int]:
+        order = list(range(self._n))
+        self._random.shuffle(order)
+        if self._n > 1 and order[0] == self._last:  # swap it with a random other position
+            j = self._random.randrange(1, self._n)
+            order[0], order[j] = order[j], order[0]
+        self._last = order[-1]
+        return order
+
+
 @dataclass(slots=True)
 class _Samples:
     seconds: list[float] = field(default_factory=list)
@@ -306,10 +336,10 @@ class Bench:
 
         samples = {n: _Samples() for n in names}
         order: list[tuple[str, ...]] = []
+        shuffle = _RoundOrder(len(cands))
         for phase, rounds in (("warmup", warmup), ("timed", repeats)):
-            for r in range(rounds):
-                # Reverse every other round (A B C, C B A, ...) so drift cancels across positions.
-                ordered = cands if r % 2 == 0 else cands[::-1]
+            for _ in range(rounds):
+                ordered = [cands[i] for i in shuffle.next()]
                 if phase == "timed":
                     order.append(tuple(c.name for c in ordered))
                 for cand in ordered:
