@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
 from stoker.errors import StokerError
 
-__all__ = ["resolve_device"]
+__all__ = ["check_compile", "resolve_device"]
 
 
 def _mps_available() -> bool:
@@ -65,3 +66,27 @@ def resolve_device(
             f"device={spec!r} is not supported by stoker; use 'auto', 'cpu', 'cuda[:N]' or 'mps'"
         )
     return device
+
+
+def _have_cxx_compiler() -> bool:
+    return bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse ``compile=True`` where it cannot work (no dynamo, no C++ compiler for the CPU
+    inductor backend, MPS), with what to do instead."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise StokerError(
+            "compile=True but torch.compile is not supported on this Python/torch "
+            f"(torch {torch.__version__}); pass compile=False"
+        )
+    if device.type == "cpu" and not _have_cxx_compiler():
+        raise StokerError(
+            "compile=True on CPU needs a C++ compiler for the inductor backend and none was found "
+            "(g++, c++, clang++ or $CXX); install one (e.g. `apt-get install g++`) or pass "
+            "compile=False"
+        )
+    if device.type == "mps":
+        raise StokerError("compile=True is not supported on MPS by stoker yet; pass compile=False")

@@ -368,6 +368,29 @@ class TrainingStep:
                 scaler.get_scale(),
             )
 
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and the grad scaler, as of the step that ended last."""
+        state: dict[str, Any] = {
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, new_window: bool = False) -> None:
+        """Continue from ``state``; ``new_window``: ``accumulation_steps`` changed since it was
+        saved, so the next accumulation window starts at the restored step."""
+        self.step = int(state["step"])
+        self.micro_step = int(state["micro_step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if new_window:
+            self.micro_step = self.step * self.accumulation_steps
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
     def close(self, failed: BaseException | None) -> None:
         """Close the listeners, last attached first (see :class:`StepListener`)."""
         self.settle()

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import random
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stoker.errors import Preempted, StokerError, install_excepthook
-from stoker.runtime.device import resolve_device
+from stoker.runtime.device import check_compile, resolve_device
 from stoker.runtime.distributed import (
     DistributedContext,
     barrier,
@@ -62,28 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["Stoker"]
 
 log = logging.getLogger(__name__)
-
-
-def _have_cxx_compiler() -> bool:
-    return bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
-
-
-def _check_compile(device: torch.device) -> None:
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        raise StokerError(
-            "compile=True but torch.compile is not supported on this Python/torch "
-            f"(torch {torch.__version__}); pass compile=False"
-        )
-    if device.type == "cpu" and not _have_cxx_compiler():
-        raise StokerError(
-            "compile=True on CPU needs a C++ compiler for the inductor backend and none was found "
-            "(g++, c++, clang++ or $CXX); install one (e.g. `apt-get install g++`) or pass "
-            "compile=False"
-        )
-    if device.type == "mps":
-        raise StokerError("compile=True is not supported on MPS by stoker yet; pass compile=False")
 
 
 def _meters_config(meters: Any) -> MetersConfig | None:
@@ -205,7 +182,7 @@ class Stoker:
             )
         self._checkpointing = activation_checkpointing
         if compile:
-            _check_compile(self.device)
+            check_compile(self.device)
         self.compile = compile
         self.seed = seed
         if seed is not None:
@@ -605,33 +582,20 @@ class Stoker:
             dist.destroy_process_group()
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counters, the grad scaler and the setup (see :mod:`stoker.runtime.setup`):
+        """The step's counters and grad scaler, and the setup (see :mod:`stoker.runtime.setup`):
         what a checkpoint needs of the runtime."""
-        steps = self._steps
-        state: dict[str, Any] = {
-            "step": steps.step,
-            "micro_step": steps.micro_step,
-            "skipped_steps": steps.skipped_steps,
-            "setup": self.services.setup.state_dict(),
-        }
-        if steps.scaler is not None:
-            state["scaler"] = steps.scaler.state_dict()
-        return state
+        return {**self._steps.state_dict(), "setup": self.services.setup.state_dict()}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint of another world size or seed (before anything is loaded)."""
         self.services.setup.check(state.get("setup"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        steps = self._steps
-        steps.step = int(state["step"])
-        steps.micro_step = int(state["micro_step"])
-        steps.skipped_steps = int(state["skipped_steps"])
         self.services.setup.restored(state.get("setup"))
-        if "settings.accumulation_steps" in self.services.setup.changes():
-            steps.micro_step = steps.step * self.accumulation_steps  # a window starts here
-        if steps.scaler is not None and "scaler" in state:
-            steps.scaler.load_state_dict(state["scaler"])
+        self._steps.load_state_dict(
+            state,
+            new_window="settings.accumulation_steps" in self.services.setup.changes(),
+        )
 
     # -- collectives ----------------------------------------------------------------------
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
