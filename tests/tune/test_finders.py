@@ -110,6 +110,7 @@ def test_batch_size_survives_simulated_oom_within_its_time_bound():
         max_batch_size=256,
         steps=2,
         margin=0.0,
+        min_seconds=0.0,
         max_seconds=10.0,
         base_batch_size=8,
         base_lr=1e-3,
@@ -134,7 +135,14 @@ def test_batch_size_stops_at_the_time_bound_and_memory_budget():
 
     began = time.perf_counter()
     result = find_batch_size(
-        slow, max_batch_size=1024, steps=1, warmup=0, max_seconds=0.5, min_gain=-1.0, progress=False
+        slow,
+        max_batch_size=1024,
+        steps=1,
+        warmup=0,
+        max_seconds=0.5,
+        min_gain=-1.0,
+        min_seconds=0.0,
+        progress=False,
     )
     # It started no candidate predicted to end past 0.5 s (0.31 s of sleeps ran); the slack is
     # for sleeps overshooting on a loaded machine (0.5x seen at load 9), not for the search.
@@ -150,7 +158,7 @@ from stoker.tune import find_batch_size
 def hungry(size):
     return bytearray(size * 2**20)  # ~1 MiB per sample, freed at once
 result = find_batch_size(hungry, candidates=[1, 2, 4, 8, 64, 512], steps=1, warmup=0,
-                         memory_budget=48 * 2**20, min_gain=-1.0, progress=False)
+                         memory_budget=48 * 2**20, min_gain=-1.0, min_seconds=0.0, progress=False)
 print(result.stopped, sorted(t.batch_size for t in result.trials if t.status == "memory budget"))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -166,7 +174,14 @@ def test_recommendation_within_margin_and_lr_rules():
         time.sleep(size / speeds[size])
 
     result = find_batch_size(
-        step, candidates=[1, 2, 4, 8], steps=1, warmup=0, margin=0.1, min_gain=-1.0, progress=False
+        step,
+        candidates=[1, 2, 4, 8],
+        steps=1,
+        warmup=0,
+        margin=0.1,
+        min_gain=-1.0,
+        min_seconds=0.0,
+        progress=False,
     )
     fastest = max(result.trials, key=lambda t: t.samples_per_second)
     assert result.best == fastest.batch_size
@@ -176,6 +191,52 @@ def test_recommendation_within_margin_and_lr_rules():
     assert scale_lr(1.0, 8, 32, "linear") == 4.0 and scale_lr(1.0, 8, 32, "sqrt") == 2.0
     with pytest.raises(StokerError, match="valid choices"):
         scale_lr(1.0, 8, 32, "cube")
+
+
+def test_batch_size_throughput_is_the_median_step_over_min_seconds():
+    # Batch 4 is truly 2x batch 2's throughput, but its first timed step stalls (a page fault,
+    # a neighbour): three steps' total would rank it below batch 2; the median does not.
+    stalls = {4: [0.3]}
+    calls = {2: 0, 4: 0}
+
+    def step(size):
+        calls[size] += 1
+        time.sleep(stalls[size].pop() if stalls.get(size) else 0.01)
+
+    result = find_batch_size(
+        step, candidates=[2, 4], steps=3, warmup=0, margin=0.0, min_seconds=0.1, progress=False
+    )
+    assert result.best == 4 and result.recommended == 4
+    assert calls[2] >= 8  # 0.1 s of 10 ms steps, not just 3
+    speeds = {t.batch_size: t.samples_per_second for t in result.trials}
+    assert speeds[4] == pytest.approx(2 * speeds[2], rel=0.3)
+
+
+@pytest.mark.parametrize("rounds", [0, 9])
+def test_batch_sizes_timed_again_interleaved_outvote_a_slow_stretch(rounds):
+    # Batch 4 is truly 1.5x batch 2's throughput, but the machine is 3x slower while the scan
+    # times it (a neighbour's burst). The scan alone ranks it below 2; interleaved rounds,
+    # where the sizes share the machine's stretches, put it back on top.
+    calls = {2: 0, 4: 0}
+
+    def step(size):
+        calls[size] += 1
+        slow = 3.0 if size == 4 and calls[4] <= 3 else 1.0
+        time.sleep(slow * (0.01 if size == 2 else 0.0133))
+
+    result = find_batch_size(
+        step,
+        candidates=[2, 4],
+        steps=3,
+        warmup=0,
+        margin=0.0,
+        min_gain=-1.0,
+        min_seconds=0.0,
+        refine_rounds=rounds,
+        progress=False,
+    )
+    assert result.rounds == rounds and calls == {2: 3 + rounds, 4: 3 + rounds}
+    assert result.best == (4 if rounds else 2)
 
 
 def test_threads_picks_the_measured_best_and_restores_the_thread_count():

@@ -1,7 +1,8 @@
 """Batch-size finder: samples per second over candidate batch sizes, on the user's own step.
 
 Tries the candidates in ascending order (powers of two by default), each for a few timed steps
-after a warm-up step, and stops when throughput stops improving, when memory would run out, or
+(at least ``steps``, and at least ``min_seconds`` of them: a 25 ms step timed three times is
+noise) after warm-up steps, and stops when throughput stops improving, when memory would run out, or
 when the time bound would be passed. Out of memory is survived: on CUDA,
 ``torch.cuda.OutOfMemoryError`` (the cache is emptied and the size marked "oom"); on CPU the
 process would be killed instead of raising, so a **memory budget** is enforced by prediction:
@@ -10,9 +11,19 @@ through ``/proc/self/clear_refs`` before each trial; elsewhere the process's ``r
 growth), assumed to grow linearly with the batch size, and a size predicted to exceed the
 budget is not run.
 
-The recommendation is the *smallest* size whose throughput is within ``margin`` of the best
-measured (a smaller batch takes more optimizer steps per sample, which usually helps accuracy
-per sample); with ``margin=0`` (the default) it is the fastest measured. The matching learning
+Then the sizes measured are **timed again, interleaved**: rounds of one step per size, in a
+fresh random order each round, as long as ``refine_rounds`` and the time bound allow; a size's
+throughput is its size over its median step across the scan and the rounds. Measured one
+after the other, each size sees another stretch of a shared machine: on a 2-vCPU VM the same
+size read 94 and 106 samples/s in two scans, enough to reorder sizes whose real difference is
+a few percent. Interleaved, a slow stretch slows every size alike.
+
+The recommendation is the *smallest* size whose throughput is within ``margin`` (default 5%)
+of the best measured: a smaller batch takes more optimizer steps per sample, which usually
+helps accuracy per sample, and on a CPU throughput is often flat over a range of sizes, where
+the fastest is decided by noise (the default MLM on a Zen 3: the fastest of 16-128 measured
+over three steps came out 128, which trained 15% slower than 32). ``margin=0`` recommends the
+fastest measured. The matching learning
 rate scales with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
 Malladi et al. 2022) or ``"linear"`` (``lr * new / old``, for SGD, Goyal et al. 2017).
 """
@@ -21,14 +32,17 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+from rich.progress import Progress
 
 from stoker.errors import StokerError
 from stoker.tune._common import Deadline, preserved, progress_bar, synchronize
@@ -62,6 +76,8 @@ class BatchSizeResult:
     stopped: str
     """Why no larger size was tried: ``"plateau"``, ``"oom"``, ``"memory budget"``,
     ``"time"`` or ``"candidates"`` (all tried)."""
+    rounds: int = 0
+    """Interleaved rounds run over the measured sizes after the scan."""
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """Rows ``(batch size, samples/s, memory MiB, status)`` for printing."""
@@ -145,8 +161,10 @@ def find_batch_size(
     max_batch_size: int = 1024,
     steps: int = 3,
     warmup: int = 2,
-    margin: float = 0.0,
+    margin: float = 0.05,
     min_gain: float = 0.03,
+    min_seconds: float = 1.0,
+    refine_rounds: int = 5,
     memory_budget: int | None = None,
     max_seconds: float = 120.0,
     base_batch_size: int | None = None,
@@ -164,6 +182,10 @@ def find_batch_size(
         steps, warmup: timed and untimed steps per candidate.
         margin: the recommendation may be this much slower than the best (module docstring).
         min_gain: a size must beat the best so far by this fraction, else the search stops.
+        min_seconds: each candidate's timed steps go on until they took this long (at least
+            ``steps`` of them).
+        refine_rounds: interleaved rounds over the measured sizes afterwards (fewer if the
+            time bound comes first; 0 for none); throughput is the size over its median step.
         memory_budget: bytes the search may add (default: 80% of the memory available at the
             start; on CUDA the device's free memory).
         max_seconds: the whole search's bound; a candidate predicted not to fit is skipped.
@@ -179,10 +201,11 @@ def find_batch_size(
             size *= 2
     if not sizes or any(b < 1 for b in sizes) or sizes != sorted(set(sizes)):
         raise StokerError(f"batch-size candidates {sizes} must be ascending distinct ints >= 1.")
-    if steps < 1 or warmup < 0 or not 0 <= margin < 1:
+    if steps < 1 or warmup < 0 or not 0 <= margin < 1 or min_seconds < 0 or refine_rounds < 0:
         raise StokerError(
-            f"find_batch_size needs steps >= 1, warmup >= 0, 0 <= margin < 1; got steps="
-            f"{steps}, warmup={warmup}, margin={margin}."
+            f"find_batch_size needs steps >= 1, warmup >= 0, 0 <= margin < 1, min_seconds >= 0, "
+            f"refine_rounds >= 0; got steps={steps}, warmup={warmup}, margin={margin}, "
+            f"min_seconds={min_seconds}, refine_rounds={refine_rounds}."
         )
     if lr_scaling not in _SCALINGS:
         raise StokerError(f"lr_scaling={lr_scaling!r}; valid choices: {', '.join(_SCALINGS)}.")
@@ -196,7 +219,8 @@ def find_batch_size(
     trials: list[BatchSizeTrial] = []
     stopped = "candidates"
     best_speed = 0.0
-    last: tuple[int, float, int] | None = None  # (size, seconds per candidate, memory)
+    last: tuple[int, float, int] | None = None  # (size, seconds per step, memory)
+    step_times: dict[int, list[float]] = {}  # each measured size's timed steps
     oom = _oom_types()
     with preserved(model, optimizer), progress_bar("tune batch-size", enabled=progress) as bar:
         task = bar.add_task("bs", total=len(sizes), note="")
@@ -205,7 +229,9 @@ def find_batch_size(
                 grow = size / last[0]
                 if last[2] * grow > memory_budget:
                     stopped = "memory budget"
-                elif not deadline.allows(last[1] * grow):
+                elif not deadline.allows(
+                    last[1] * grow * warmup + max(min_seconds, last[1] * grow * steps)
+                ):
                     stopped = "time"
             if stopped != "candidates":
                 trials += [BatchSizeTrial(b, None, None, stopped) for b in sizes[i:]]
@@ -215,15 +241,19 @@ def find_batch_size(
                 torch.cuda.reset_peak_memory_stats()
                 cuda_start = torch.cuda.memory_allocated()
             window = _start_peak_window()
-            began = time.perf_counter()
             try:
                 for _ in range(warmup):
                     step_fn(size)
                 synchronize()
                 timed = time.perf_counter()
-                for _ in range(steps):
+                times: list[float] = []
+                last_end = timed
+                while len(times) < steps or last_end - timed < min_seconds:
                     step_fn(size)
-                synchronize()
+                    synchronize()
+                    now = time.perf_counter()
+                    times.append(now - last_end)
+                    last_end = now
             except oom:
                 gc.collect()
                 if cuda:
@@ -232,8 +262,9 @@ def find_batch_size(
                 trials += [BatchSizeTrial(b, None, None, "oom") for b in sizes[i + 1 :]]
                 stopped = "oom"
                 break
-            now = time.perf_counter()
-            speed = size * steps / (now - timed)
+            step_times[size] = times
+            step_seconds = statistics.median(times)
+            speed = size / step_seconds
             if cuda:
                 memory = torch.cuda.max_memory_allocated() - cuda_start
             else:
@@ -243,13 +274,22 @@ def find_batch_size(
                 else:
                     memory = max(0, _peak_rss() - start_rss)
             trials.append(BatchSizeTrial(size, speed, memory, "ok"))
-            last = (size, now - began, memory)
+            last = (size, step_seconds, memory)
             bar.advance(task)
             if best_speed and speed < best_speed * (1 + min_gain):
                 trials += [BatchSizeTrial(b, None, None, "not tried") for b in sizes[i + 1 :]]
                 stopped = "plateau"
                 break
             best_speed = max(best_speed, speed)
+        rounds = _interleaved_rounds(step_fn, step_times, refine_rounds, deadline, bar)
+        trials = [
+            replace(
+                t, samples_per_second=t.batch_size / statistics.median(step_times[t.batch_size])
+            )
+            if t.batch_size in step_times and t.status == "ok"
+            else t
+            for t in trials
+        ]
     measured = [t for t in trials if t.samples_per_second is not None]
     if not measured:
         raise StokerError(
@@ -264,4 +304,34 @@ def find_batch_size(
     lr = None
     if base_lr is not None and base_batch_size is not None:
         lr = scale_lr(base_lr, base_batch_size, recommended, lr_scaling)
-    return BatchSizeResult(trials, fastest.batch_size, recommended, lr, stopped)
+    return BatchSizeResult(trials, fastest.batch_size, recommended, lr, stopped, rounds)
+
+
+def _interleaved_rounds(
+    step_fn: Callable[[int], object],
+    step_times: dict[int, list[float]],
+    rounds: int,
+    deadline: Deadline,
+    bar: Progress,
+) -> int:
+    """Time one more step of every size in ``step_times`` per round, in a random order (seeded:
+    a search is repeatable), appending to its times; returns the rounds run."""
+    sizes = list(step_times)
+    if len(sizes) < 2 or rounds == 0:
+        return 0
+    order = random.Random(0)
+    done = 0
+    task = bar.add_task("rounds", total=rounds, note="timing the sizes again, interleaved")
+    while done < rounds:
+        per_round = sum(statistics.median(step_times[b]) for b in sizes)
+        if not deadline.allows(per_round):
+            break
+        order.shuffle(sizes)
+        for size in sizes:
+            began = time.perf_counter()
+            step_fn(size)
+            synchronize()
+            step_times[size].append(time.perf_counter() - began)
+        done += 1
+        bar.advance(task)
+    return done

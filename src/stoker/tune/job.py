@@ -137,8 +137,9 @@ def tune_batch_size(job: TuneJob, **kwargs: Any) -> BatchSizeResult:
     batches: dict[int, Any] = {}
 
     def step(size: int) -> None:
-        if size not in batches:  # one real batch per size, loaded outside the timing's steps
-            batches.clear()
+        # One real batch per size, loaded at its first (untimed) step and kept: the sizes are
+        # timed again interleaved at the end.
+        if size not in batches:
             batches[size] = next(iter(job.loader(size)))
         _train_step(job, batches[size])
 
