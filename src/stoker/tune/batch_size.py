@@ -18,12 +18,10 @@ after the other, each size sees another stretch of a shared machine: on a 2-vCPU
 size read 94 and 106 samples/s in two scans, enough to reorder sizes whose real difference is
 a few percent. Interleaved, a slow stretch slows every size alike.
 
-The recommendation is the *smallest* size whose throughput is within ``margin`` (default 5%)
-of the best measured: a smaller batch takes more optimizer steps per sample, which usually
-helps accuracy per sample, and on a CPU throughput is often flat over a range of sizes, where
-the fastest is decided by noise (the default MLM on a Zen 3: the fastest of 16-128 measured
-over three steps came out 128, which trained 15% slower than 32). ``margin=0`` recommends the
-fastest measured. The matching learning
+The recommendation is the fastest size measured; with ``margin`` (e.g. 0.05) it is the
+*smallest* size within that share of the fastest's throughput instead: a smaller batch takes
+more optimizer steps per sample, which usually helps accuracy per sample, and on a CPU
+throughput is often flat over a range of sizes. The matching learning
 rate scales with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
 Malladi et al. 2022) or ``"linear"`` (``lr * new / old``, for SGD, Goyal et al. 2017).
 """
@@ -161,7 +159,7 @@ def find_batch_size(
     max_batch_size: int = 1024,
     steps: int = 3,
     warmup: int = 2,
-    margin: float = 0.05,
+    margin: float = 0.0,
     min_gain: float = 0.03,
     min_seconds: float = 1.0,
     refine_rounds: int = 5,
