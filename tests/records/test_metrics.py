@@ -137,7 +137,8 @@ def test_sigkill_loses_at_most_one_flush_interval_of_metrics(tmp_path, flush_sec
     lost_steps, lost_s = int(done) - written["step"], float(killed_at) - written["time"]
     print(f"flush_seconds={flush_seconds}: lost {lost_steps} of {done} steps, {lost_s:.3f} s")
     assert [r["step"] for r in lines] == list(range(1, written["step"] + 1))  # no hole
-    assert 0 <= lost_s < flush_seconds + 0.5  # the bound, plus scheduling on a busy machine
+    # (-0.5 ms: a line's time is rounded to the millisecond, and may round past the kill.)
+    assert -0.0005 <= lost_s < flush_seconds + 0.5  # the bound, plus scheduling on a busy machine
 
 
 def test_every_checkpointed_step_has_its_metrics_after_a_sigkill_and_a_resume(tmp_path):

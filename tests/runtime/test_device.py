@@ -38,9 +38,9 @@ def test_bad_settings_are_one_clear_error(kwargs, match):
 
 
 def test_compile_without_a_compiler_is_refused(monkeypatch):
-    import stoker.runtime.stoker as runtime
+    import stoker.runtime.device as device
 
-    monkeypatch.setattr(runtime, "_have_cxx_compiler", lambda: False)
+    monkeypatch.setattr(device, "_have_cxx_compiler", lambda: False)
     with pytest.raises(StokerError, match="C\\+\\+ compiler"):
         Stoker(device="cpu", compile=True)
 

@@ -2,8 +2,8 @@
 
 Tries the candidates in ascending order (powers of two by default), each for a few timed steps
 (at least ``steps``, and at least ``min_seconds`` of them: a 25 ms step timed three times is
-noise) after warm-up steps, and stops when throughput stops improving, when memory would run out, or
-when the time bound would be passed. Out of memory is survived: on CUDA,
+noise) after warm-up steps, and stops when throughput stops improving, when memory would run
+out, or when the time bound would be passed. Out of memory is survived: on CUDA,
 ``torch.cuda.OutOfMemoryError`` (the cache is emptied and the size marked "oom"); on CPU the
 process would be killed instead of raising, so a **memory budget** is enforced by prediction:
 the peak resident memory each size added is measured (on Linux its own high-water mark, reset
@@ -21,8 +21,8 @@ a few percent. Interleaved, a slow stretch slows every size alike.
 The recommendation is the fastest size measured; with ``margin`` (e.g. 0.05) it is the
 *smallest* size within that share of the fastest's throughput instead: a smaller batch takes
 more optimizer steps per sample, which usually helps accuracy per sample, and on a CPU
-throughput is often flat over a range of sizes. The matching learning
-rate scales with the batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
+throughput is often flat over a range of sizes. The matching learning rate scales with the
+batch: ``"sqrt"`` (``lr * sqrt(new / old)``, the rule for Adam-type optimizers,
 Malladi et al. 2022) or ``"linear"`` (``lr * new / old``, for SGD, Goyal et al. 2017).
 """
 

@@ -137,8 +137,8 @@ def tune_batch_size(job: TuneJob, **kwargs: Any) -> BatchSizeResult:
     batches: dict[int, Any] = {}
 
     def step(size: int) -> None:
-        # One real batch per size, loaded at its first (untimed) step and kept: the sizes are
-        # timed again interleaved at the end.
+        # One real batch per size, loaded at its first step (a warm-up step by default) and
+        # kept: the sizes are timed again, interleaved, at the end.
         if size not in batches:
             batches[size] = next(iter(job.loader(size)))
         _train_step(job, batches[size])
