@@ -204,7 +204,14 @@ def test_batch_size_throughput_is_the_median_step_over_min_seconds():
         time.sleep(stalls[size].pop() if stalls.get(size) else 0.01)
 
     result = find_batch_size(
-        step, candidates=[2, 4], steps=3, warmup=0, margin=0.0, min_seconds=0.1, progress=False
+        step,
+        candidates=[2, 4],
+        steps=3,
+        warmup=0,
+        margin=0.0,
+        min_seconds=0.1,
+        refine_rounds=0,  # the scan alone: its own median and its own minimum time
+        progress=False,
     )
     assert result.best == 4 and result.recommended == 4
     assert calls[2] >= 8  # 0.1 s of 10 ms steps, not just 3
