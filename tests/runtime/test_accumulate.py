@@ -126,3 +126,26 @@ def test_scheduler_steps_once_per_window():
             optimizer.zero_grad()
     assert stoker.step == 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("first_with_tokens", [False, True], ids=["plain-first", "tokens-first"])
+def test_mixing_tokens_and_plain_backward_in_one_window_is_refused(first_with_tokens):
+    stoker = Stoker(device="cpu", precision="fp32", accumulation_steps=2, record=False)
+    model = _model()
+    model, _ = stoker.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ids, targets, valid = _batches()
+    for i, with_tokens in enumerate([first_with_tokens, not first_with_tokens]):
+        with stoker.accumulate(model):
+            loss, n = _token_loss(model(ids[i : i + 1]), targets[i : i + 1], valid[i : i + 1])
+            if i == 0:
+                stoker.backward(loss, tokens=n if with_tokens else None)
+                continue
+            grads = [p.grad.clone() for p in model.parameters()]
+            with pytest.raises(StokerError, match="both with and without tokens="):
+                stoker.backward(loss, tokens=n if with_tokens else None)
+            # Refused before anything moved: no gradient was added, and the window goes on in
+            # the mode it started in.
+            after = [p.grad for p in model.parameters()]
+            assert all(torch.equal(g, a) for g, a in zip(grads, after, strict=True))
+            stoker.backward(loss, tokens=n if first_with_tokens else None)
+    stoker.close()

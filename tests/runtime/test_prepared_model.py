@@ -156,6 +156,17 @@ def test_hooks_fire_on_the_users_module_and_on_the_wrapper():
     stoker.close()
 
 
+def test_a_backward_hook_on_the_wrapper_fires_in_fp32() -> None:
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False)
+    model = stoker.prepare(nn.Linear(4, 2))
+    seen: list[tuple[int, ...]] = []
+    model(torch.randn(3, 4)).sum().backward()  # the direct path first
+    model.register_full_backward_hook(lambda m, gin, gout: seen.append(tuple(gout[0].shape)))
+    model(torch.randn(3, 4, requires_grad=True)).sum().backward()
+    assert seen == [(3, 2)]
+    stoker.close()
+
+
 class _Raises(torch.nn.Module):
     def __init__(self, message: str) -> None:
         super().__init__()

@@ -116,6 +116,53 @@ def test_listeners_see_each_step_once_and_the_next_micro_batch_once():
     assert events[-1] == ("r", "close", None)
 
 
+class _Sleeper(StepListener):
+    """Asks to be called again only at step 1000; rings the alarm itself when told to."""
+
+    def __init__(self, steps: TrainingStep, ring_inside: bool = False) -> None:
+        self.steps = steps
+        self.ring_inside = ring_inside
+        self.calls: list[tuple[str, int]] = []
+
+    def _called(self, what: str, step: int) -> int:
+        self.calls.append((what, step))
+        if self.ring_inside:  # a signal arriving while the listeners run
+            self.ring_inside = False
+            self.steps.alarm.rung = True
+        return 1000
+
+    def on_micro_batch(self, step, live):
+        return self._called("micro-batch", step)
+
+    def on_step_end(self, step):
+        return self._called("step-end", step)
+
+
+def _plain_steps(steps: TrainingStep, n: int) -> None:
+    for _ in range(n):
+        steps.backward(torch.ones((), requires_grad=True))
+        steps.step_done()
+
+
+def test_the_alarm_calls_the_listeners_at_the_next_boundary():
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    sleeper = _Sleeper(steps)
+    steps.add_listener(sleeper)
+    _plain_steps(steps, 3)
+    assert sleeper.calls == [("micro-batch", 0)]  # then quiet until step 1000
+    steps.alarm.rung = True  # what the preemption signal handler does
+    _plain_steps(steps, 2)
+    assert sleeper.calls == [("micro-batch", 0), ("micro-batch", 3)]  # once, then quiet again
+
+
+def test_an_alarm_rung_while_the_listeners_run_is_not_lost():
+    steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
+    sleeper = _Sleeper(steps, ring_inside=True)
+    steps.add_listener(sleeper)
+    _plain_steps(steps, 3)
+    assert sleeper.calls == [("micro-batch", 0), ("step-end", 1)]
+
+
 def test_listeners_close_last_attached_first_and_hand_on_a_failure():
     steps = TrainingStep(accumulation_steps=1, scaler=None, dist=DistributedContext())
     events = []

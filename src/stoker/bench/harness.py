@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import random
 import sys
@@ -480,19 +481,27 @@ def _work_value(name: str, value: object) -> float:
     )
 
 
-def autorange(fn: Callable[[], object], min_time: float = 0.02, max_number: int = 10_000) -> int:
+def autorange(
+    fn: Callable[[], object], min_time: float = 0.02, max_number: int = 10_000, tries: int = 3
+) -> int:
     """Calls of ``fn`` per sample so that one sample lasts at least ``min_time`` seconds.
 
     Use it for ``compare(number=...)`` when one call is too short to time on its own
-    (perf_counter resolution, Python loop jitter); it calls ``fn`` a few times itself.
+    (perf_counter resolution, Python loop jitter); it calls ``fn`` a few times itself. Each
+    candidate count is timed ``tries`` times and the fastest counts: one stalled call (a
+    garbage collection, a neighbour on the VM) would otherwise end the search at far too few
+    calls.
     """
     fn()  # the first call may pay one-time costs (allocation, lazy init)
     number = 1
     while number < max_number:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        if time.perf_counter() - t0 >= min_time:
+        fastest = math.inf
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            fastest = min(fastest, time.perf_counter() - t0)
+        if fastest >= min_time:
             break
         number *= 2
     return min(number, max_number)

@@ -45,6 +45,11 @@ __all__ = ["Alarm", "MicroBatch", "StepListener", "StepLog", "TrainingStep"]
 
 log = logging.getLogger(__name__)
 
+_MIXED_TOKENS = (
+    "backward() was called both with and without tokens= in one accumulation window; pass "
+    "tokens= on every micro-batch or on none"
+)
+
 
 class StepListener(Protocol):
     """What attaches at step boundaries: checkpoints, the doctor, the run record, the ranks'
@@ -252,20 +257,19 @@ class TrainingStep:
                 self._call(self._on_micro_batch, self.step, False)
         self._finalized = False
         if tokens is None:
+            if self._tokens is not None:
+                raise StokerError(_MIXED_TOKENS)
             self._plain_backward = True
             k = self.accumulation_steps
             scaled = loss / k if k > 1 else loss
         else:
+            if self._plain_backward:
+                raise StokerError(_MIXED_TOKENS)
             if not isinstance(tokens, torch.Tensor):
                 tokens = torch.tensor(tokens, device=loss.device)
             count = tokens.detach().to(torch.float32)
             self._tokens = count if self._tokens is None else self._tokens + count
             scaled = loss * count
-        if self._plain_backward and self._tokens is not None:
-            raise StokerError(
-                "backward() was called both with and without tokens= in one accumulation "
-                "window; pass tokens= on every micro-batch or on none"
-            )
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
