@@ -290,8 +290,8 @@ def run_precision(args: Any, precision: str, device: torch.device, bench: Bench)
                         f"{label} ran {wl.name} matmuls in {dtype}, expected {expected}"
                     )
                 # A second step: stoker's meters count FLOPs from its first step's end to the
-                # second's optimizer step, in a process-wide mode that would slow whatever
-                # runs meanwhile (the step count chosen below, other candidates' warm-up).
+                # second's optimizer step, in a dispatch mode on this thread that would slow
+                # whatever runs meanwhile (the step count chosen below, other candidates).
                 step()
                 name = f"{label}/{copy_index}" if args.instances > 1 else label
                 candidates.append(Candidate(name, step, work=wl.work))
