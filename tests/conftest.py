@@ -18,6 +18,27 @@ def _runs_in_tmp(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _no_flop_counter_left_on_the_thread():
+    """A test that drops a Stoker between its first two steps without ``close()`` leaves the
+    meters' FLOP counter on this thread (stoker.meters.live counts from the first step's end to
+    the second's optimizer step): every later op would be counted, every module call would go
+    through its global hooks, and torch.compile would refuse to trace. Exit what a test left,
+    newest first, so each test starts as a fresh process would."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    from torch.utils.flop_counter import FlopCounterMode
+
+    before = len(_get_current_dispatch_mode_stack())
+    yield
+    stack = _get_current_dispatch_mode_stack()
+    while len(stack) > before:
+        counter = getattr(stack[-1], "counter", None)
+        if not isinstance(counter, FlopCounterMode):
+            break  # not the meters' (a test's own mode): leave it for the test to fail on
+        counter.__exit__(None, None, None)
+        stack = _get_current_dispatch_mode_stack()
+
+
 def _finishes(fn, seconds=20):
     """``fn()`` run on a thread: its result, or a failure if it is still running after
     ``seconds`` (a reader that blocks on a FIFO would otherwise hang the suite)."""

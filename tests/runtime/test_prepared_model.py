@@ -131,10 +131,11 @@ def test_without_ddp_keeps_the_autocast_and_drops_the_collectives(tmp_path):
         dist.destroy_process_group()
 
 
-def test_hooks_fire_on_the_users_module_and_on_the_wrapper():
-    """The wrapper skips nn.Module's hook dispatch for itself when it has no hooks (a cost per
-    step); hooks on the user's module, global ones and hooks put on the wrapper still fire."""
-    stoker = Stoker(device="cpu", precision="bf16", record=False, doctor=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hooks_fire_on_the_users_module_and_on_the_wrapper(precision):
+    """The wrapper skips nn.Module's hook dispatch for itself until a hook is put on it (a cost
+    per step); hooks on the user's module, global ones and hooks put on the wrapper fire."""
+    stoker = Stoker(device="cpu", precision=precision, record=False, doctor=False)
     user = nn.Linear(4, 2)
     model = stoker.prepare(user)
     seen: list[str] = []
@@ -146,13 +147,39 @@ def test_hooks_fire_on_the_users_module_and_on_the_wrapper():
         out = model(torch.randn(3, 4))
     finally:
         handle.remove()
-    assert out.dtype == torch.float32  # the wrapper's forward ran: fp32 out of bf16 autocast
-    assert seen == ["global Linear", "user torch.bfloat16"]
+    inner = "torch.float32" if precision == "fp32" else "torch.bfloat16"
+    assert out.dtype == torch.float32  # in bf16, the wrapper's forward ran: fp32 out
+    assert seen == ["global Linear", f"user {inner}"]
     seen.clear()
     model.register_forward_pre_hook(lambda m, args: seen.append(f"pre {type(m).__name__}"))
     model.register_forward_hook(lambda m, i, o: seen.append(f"wrapper {o.dtype}"))
     model(torch.randn(3, 4))
-    assert seen == ["pre PreparedModel", "user torch.bfloat16", "wrapper torch.float32"]
+    assert seen == ["pre PreparedModel", f"user {inner}", "wrapper torch.float32"]
+    stoker.close()
+
+
+def test_compiling_the_wrapper_or_a_function_calling_it_traces_its_call():
+    captured: list[int] = []
+
+    def backend(gm, example_inputs):  # an eager backend that counts the graphs it is given
+        captured.append(len(gm.graph.nodes))
+        return gm.forward
+
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False)
+    user = nn.Linear(4, 2)
+    model = stoker.prepare(user)
+    x = torch.randn(3, 4)
+    expected = user(x)
+
+    @torch.compile(backend=backend, fullgraph=True)  # fullgraph: no break at the wrapper's call
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model(x).sum()
+
+    assert torch.allclose(loss(x), expected.sum()) and len(captured) == 1
+    assert torch.allclose(torch.compile(model, backend=backend)(x), expected)
+    assert len(captured) == 2
+    model.compile(backend=backend)  # nn.Module.compile: the wrapper's calls go through it
+    assert torch.allclose(model(x), expected) and len(captured) == 3
     stoker.close()
 
 
