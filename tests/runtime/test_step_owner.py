@@ -8,7 +8,7 @@ import torch
 import stoker.runtime.stoker as stoker_module
 from stoker import Stoker
 from stoker.runtime.distributed import DistributedContext
-from stoker.runtime.step import StepListener, TrainingStep
+from stoker.runtime.step import StepListener, StepLog, TrainingStep
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ class _Sleeper(StepListener):
         self.calls.append((what, step))
         if self.ring_inside:  # a signal arriving while the listeners run
             self.ring_inside = False
-            self.steps.alarm.rung = True
+            self.steps.alarm.ring()
         return 1000
 
     def on_micro_batch(self, step, live):
@@ -150,7 +150,7 @@ def test_the_alarm_calls_the_listeners_at_the_next_boundary():
     steps.add_listener(sleeper)
     _plain_steps(steps, 3)
     assert sleeper.calls == [("micro-batch", 0)]  # then quiet until step 1000
-    steps.alarm.rung = True  # what the preemption signal handler does
+    steps.alarm.ring()  # what the preemption signal handler does
     _plain_steps(steps, 2)
     assert sleeper.calls == [("micro-batch", 0), ("micro-batch", 3)]  # once, then quiet again
 
@@ -217,7 +217,8 @@ def test_accumulate_skips_the_prepared_models_ddp_sync_until_the_windows_last(tm
 def test_a_steady_step_makes_only_the_step_owners_calls(tmp_path, monkeypatch):
     """The per-step path on one process, call by call: the prepared model, backward and the
     optimizer's step, and nothing else of stoker's (the listeners, meters and record are not
-    called between their wake-ups). A small model's step time is this path's cost."""
+    called between their wake-ups: a quiet step). A small model's step time is this path's
+    cost."""
     monkeypatch.setenv("STOKER_RUNS_DIR", str(tmp_path))
     stoker = Stoker(device="cpu", precision="fp32", doctor=False)
     net = torch.nn.Linear(4, 1)
@@ -249,5 +250,100 @@ def test_a_steady_step_makes_only_the_step_owners_calls(tmp_path, monkeypatch):
         ("step.py", "backward"),  # TrainingStep's own: Stoker.backward is it in one process
         ("prepared.py", "step"),  # PreparedOptimizer
         ("step.py", "optimizer_step"),
-        ("step.py", "_end_step"),
     ]
+
+
+class _EveryStep(StepListener):
+    """Wants every boundary: no step is quiet while it is attached."""
+
+    def on_step_end(self, step):
+        return None
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet-steps", "every-step-listener"])
+def test_quiet_steps_train_count_and_log_like_full_ones(quiet):
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False, meters=False)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    model, opt = stoker.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    steps = stoker._steps
+    steps.step_log = StepLog()
+    sleeper = _Sleeper(steps)
+    steps.add_listener(sleeper)
+    if not quiet:
+        steps.add_listener(_EveryStep())
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    seen_quiet = []
+    for i in range(6):
+        seen_quiet.append(steps._quiet)
+        tokens = torch.tensor(8.0) if i == 3 else None  # one token-weighted step in between
+        stoker.backward(model(x).square().mean(), tokens=tokens)
+        opt.step()
+        opt.zero_grad()
+        assert (steps.last_tokens is None) == (tokens is None)
+    assert any(seen_quiet) == quiet
+    assert stoker.step == 6 and len(steps.step_log.ends) == 6
+    assert sleeper.calls == [("micro-batch", 0)]  # asked for step 1000: not called again
+    steps.alarm.ring()  # a signal in a quiet stretch reaches the listeners at the next boundary
+    stoker.backward(model(x).square().mean())
+    assert sleeper.calls == [("micro-batch", 0), ("micro-batch", 6)]
+    weights = torch.cat([p.detach().flatten() for p in net.parameters()])
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(4, 1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(6):  # token-weighted with the whole batch's count: the same mean loss
+        reference(x).square().mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    expected = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    torch.testing.assert_close(weights, expected)
+    stoker.close()
+
+
+def test_a_listener_due_after_quiet_steps_is_called_at_its_step():
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False, meters=False)
+    net = torch.nn.Linear(4, 1)
+    model, opt = stoker.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+
+    class WakesAt5(StepListener):
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def on_micro_batch(self, step, live):
+            self.calls.append(("micro-batch", step))
+            return 5
+
+        def on_step_end(self, step):
+            self.calls.append(("step-end", step))
+            return 5 if step < 5 else 1000
+
+    listener = WakesAt5()
+    stoker._steps.add_listener(listener)
+    for _ in range(8):
+        stoker.backward(model(torch.randn(2, 4)).sum())
+        opt.step()
+        opt.zero_grad()
+    assert listener.calls == [("micro-batch", 0), ("step-end", 5)]
+    stoker.close()
+
+
+def test_an_optimizer_prepared_after_quiet_steps_joins_the_step():
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False, meters=False)
+    net = torch.nn.Linear(4, 1)
+    model, first = stoker.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    for _ in range(3):
+        stoker.backward(model(torch.randn(2, 4)).sum())
+        first.step()
+        first.zero_grad()
+    assert stoker._steps._quiet and stoker.step == 3
+    head = torch.nn.Linear(1, 1)
+    head, second = stoker.prepare(head, torch.optim.SGD(head.parameters(), lr=0.1))
+    for _ in range(2):  # one step per iteration: it ends once both optimizers stepped
+        stoker.backward(head(model(torch.randn(2, 4))).sum())
+        first.step()
+        assert stoker.step == 3 + _
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+    assert stoker.step == 5
+    stoker.close()

@@ -121,7 +121,7 @@ class _Flag:
         if not self.received:
             self.received = signum
             self.first_at = time.monotonic()
-            self.alarm.rung = True  # the step calls its listeners at its next boundary
+            self.alarm.ring()  # the step calls its listeners at its next boundary
         elif (
             signum == signal.SIGINT
             and not self.agreed
