@@ -228,3 +228,20 @@ def test_a_layer_without_a_kernel_in_the_autocast_dtype_is_one_clear_error(tmp_p
         assert "precision='fp32'" in str(exc)
     else:
         assert out.dtype == torch.float32
+
+
+def test_the_wrapper_calls_the_module_directly_again_once_its_hooks_are_removed():
+    """A hook on the wrapper (DDP's same-data check puts one on for the first forward) sends
+    calls through nn.Module.__call__ only while it is there."""
+    stoker = Stoker(device="cpu", precision="fp32", record=False, doctor=False)
+    user = nn.Linear(4, 2)
+    model = stoker.prepare(user)
+    assert model.__dict__["_call"] is user
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(1))
+    model(torch.randn(3, 4))
+    assert seen == [1] and model.__dict__["_call"] is not user
+    handle.remove()
+    model(torch.randn(3, 4))  # through nn.Module's path one last time: no hook left
+    assert seen == [1] and model.__dict__["_call"] is user
+    stoker.close()

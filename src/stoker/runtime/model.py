@@ -120,8 +120,7 @@ class PreparedModel(nn.Module):
                 self.__dict__["ddp"] = inner
         self.__dict__["autocast_dtype"] = autocast_dtype
         self.__dict__["device_type"] = device_type
-        # What a call runs (see __call__): the module itself in fp32, else forward's autocast.
-        self.__dict__["_call"] = forward_module if autocast_dtype is None else self.forward
+        self.__dict__["_call"] = self._direct_call()  # what a call runs (see __call__)
 
     # Typed views of what __init__ put in __dict__ (found there before __getattr__ is asked).
     unwrapped: nn.Module
@@ -136,15 +135,31 @@ class PreparedModel(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # One dict read, then the call. Checking the wrapper's five hook dicts here (each read
         # through nn.Module's __getattr__) made this call ~5,500 machine instructions a step,
-        # half of stoker's per-step cost on a small model; this is ~2,100 (callgrind, the
-        # overhead benchmark's MLP). The user's module inside runs through its own __call__,
-        # so its hooks and the global ones fire; a hook put on the wrapper, or compiling it,
-        # switches the wrapper to nn.Module's path (_call_through_module).
+        # half of stoker's per-step cost on a small model; this is ~1,600-2,100 (callgrind,
+        # benchmarks/step_instructions.py). The user's module inside runs through its own
+        # __call__, so its hooks and the global ones fire; a hook put on the wrapper, or
+        # compiling it, switches the wrapper to nn.Module's path until it has neither.
         return self.__dict__["_call"](*args, **kwargs)
 
+    def _direct_call(self) -> Callable[..., Any]:
+        """The module itself in fp32, else ``forward`` (autocast, fp32 outputs)."""
+        return self._forward if self.autocast_dtype is None else self.forward
+
     def _call_through_module(self) -> None:
-        """From now on, calls take nn.Module.__call__'s path (its hooks, its compiled call)."""
-        self.__dict__["_call"] = super().__call__
+        self.__dict__["_call"] = self._module_call
+
+    def _module_call(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module.__call__'s path (the wrapper's hooks, its compiled call); once the last
+        hook is removed (the same-data check's, after the first forward), the direct call."""
+        if not (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self._backward_hooks
+            or self._backward_pre_hooks
+            or self._compiled_call_impl is not None
+        ):
+            self.__dict__["_call"] = self._direct_call()
+        return super().__call__(*args, **kwargs)
 
     def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> RemovableHandle:
         self._call_through_module()
